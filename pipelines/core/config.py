@@ -1,0 +1,146 @@
+"""Typed job configuration, loaded from YAML and from command-line flags alike."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import ConfigError
+
+NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(Strict):
+    """One data set of the registry (``configs/datasets/<name>.yaml``)."""
+
+    name: str = Field(description="[a-z0-9_-]+, unique")
+    source: str = Field(description="folder, tar/WebDataset shard(s), or a URI list file (.txt/.csv/.parquet)")
+    version: str = Field("", description="a new value means the data set changed")
+    license: str = Field("unknown", description="what is known of its licence")
+    description: str = ""
+    removed: bool = Field(False, description="true: drop it from the next index version")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"data set name {v!r} must match [a-z0-9_-]+")
+        return v
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: object) -> str:
+        return "" if v is None else str(v)
+
+
+class ModelConfig(Strict):
+    """Which detector and embedder, and how they run."""
+
+    backend: Literal["dlib", "insightface"] = "dlib"
+    detector: Literal["hog", "cnn"] = Field("hog", description="dlib detector: HOG (fast, CPU) or MMOD CNN")
+    detect_max_side: int = Field(
+        1024, ge=0, description="detect on a copy downscaled to this longest side (0: full size)"
+    )
+    upsample: int = Field(0, ge=0, le=3, description="dlib: times to upsample the detection copy")
+    min_face_size: int = Field(20, ge=0, description="drop faces whose box is smaller, in original pixels")
+    det_threshold: float = Field(
+        0.0, description="dlib HOG: score offset (higher finds fewer faces); insightface: min score"
+    )
+    num_jitters: int = Field(1, ge=1, description="dlib: re-sampled descriptors averaged per face")
+    max_faces: int = Field(0, ge=0, description="keep at most this many faces per image (0: all)")
+    # insightface backend
+    pack: str | None = Field(None, description="insightface model pack: a name, folder or gs:// URI")
+    providers: list[str] = Field(default_factory=lambda: ["cpu"])
+
+
+class HttpConfig(Strict):
+    timeout_s: float = Field(20.0, gt=0, description="connect and read timeout of one request")
+    retries: int = Field(3, ge=0, description="retries of a failed request (with backoff)")
+    per_host: int = Field(4, ge=1, description="concurrent requests to one host")
+    max_bytes: int = Field(64 << 20, gt=0, description="refuse a response larger than this")
+
+
+class DecodeConfig(Strict):
+    max_pixels: int = Field(
+        64_000_000, gt=0, description="reject images with more pixels (read from the header, before decoding)"
+    )
+
+
+class JobConfig(Strict):
+    """One ingest job: data sets in, a run folder out."""
+
+    datasets: list[DatasetSpec]
+    out: str = Field("runs-out", description="<out> root: a local path or gs://bucket/prefix")
+    engine: Literal["local", "ray", "beam"] = "local"
+    run_id: str | None = Field(None, description="reuse to resume a run; default: a new time-based id")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    images_per_shard: int = Field(
+        256, ge=1, description="images per work unit; each unit commits one faces and one images shard"
+    )
+    workers: int = Field(0, ge=0, description="worker processes (0: one per CPU core)")
+    max_in_flight: int = Field(0, ge=0, description="images read but not yet written (0: 8 per worker)")
+    progress: bool = True
+
+
+def load_registry(folder: str | os.PathLike[str]) -> dict[str, DatasetSpec]:
+    """Every ``*.yaml`` data set spec in ``folder``, by name."""
+    specs: dict[str, DatasetSpec] = {}
+    for path in sorted(Path(folder).glob("*.y*ml")):
+        spec = DatasetSpec.model_validate(_read_yaml(path))
+        if spec.name in specs:
+            raise ConfigError(f"data set {spec.name!r} is defined twice in {folder}")
+        specs[spec.name] = spec
+    return specs
+
+
+def load_job(path: str | os.PathLike[str], registry: str | os.PathLike[str] | None = None) -> JobConfig:
+    """Read a job YAML. ``datasets`` entries are specs or names looked up in the registry."""
+    raw = _read_yaml(Path(path))
+    registry = registry or raw.pop("registry", None) or Path(path).parent.parent / "datasets"
+    entries = raw.get("datasets") or []
+    known: dict[str, DatasetSpec] | None = None
+    resolved = []
+    for entry in entries:
+        if isinstance(entry, str):
+            known = known if known is not None else load_registry(registry)
+            if entry not in known:
+                raise ConfigError(f"data set {entry!r} is not in the registry {registry}")
+            resolved.append(known[entry])
+        else:
+            resolved.append(entry)
+    raw["datasets"] = resolved
+    return validate_job(raw)
+
+
+def validate_job(raw: dict) -> JobConfig:
+    try:
+        job = JobConfig.model_validate(raw)
+    except ValueError as exc:
+        raise ConfigError(f"invalid job configuration: {exc}") from exc
+    names = [d.name for d in job.datasets]
+    if not names:
+        raise ConfigError("the job names no data set")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a data set is named twice: {names}")
+    return job
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping")
+    return data

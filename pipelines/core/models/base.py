@@ -1,0 +1,35 @@
+"""What every face model backend provides."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from ..config import ModelConfig
+from ..records import DecodedImage, Face
+
+
+class FaceModel(ABC):
+    """A detector plus embedder. ``analyze`` returns, per image, its faces in decreasing score.
+
+    ``match_threshold`` is the cosine similarity (inner product of unit vectors) at or above
+    which two faces are taken to be the same person; it is calibrated per model.
+    """
+
+    model_id: str
+    dim: int
+    match_threshold: float
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+
+    @abstractmethod
+    def analyze(self, images: Sequence[DecodedImage]) -> list[list[Face]]:
+        """Detect, align and embed every face of every image; may raise RecordError per batch."""
+
+
+def model_id_for(config: ModelConfig) -> str:
+    """The model_id a config will produce, without loading the weights."""
+    if config.backend == "dlib":
+        return f"dlib-{config.detector}+dlib-resnet-v1"
+    return "scrfd_10g+w600k_r50" if (config.pack or "buffalo_l") == "buffalo_l" else f"insightface-{config.pack}"

@@ -1,0 +1,90 @@
+"""The records that flow between stages. Dataclasses, not tuples (after datatrove's Document)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class WorkUnit:
+    """A deterministic slice of one data set's source: the unit of resume and of parallelism.
+
+    ``key`` names the unit in shard file names and never changes between runs of the same
+    source listing. ``items`` are the locators inside the source (file paths, tar member names,
+    URIs), in a fixed order.
+    """
+
+    dataset: str
+    source: str
+    kind: str  # "folder" | "tar" | "urilist"
+    index: int
+    items: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}-{self.index:06d}"
+
+
+@dataclass(slots=True)
+class RawImage:
+    """The bytes of one occurrence, or why they could not be read."""
+
+    dataset: str
+    source_uri: str
+    data: bytes | None = None
+    error: str | None = None  # set when the bytes could not be read (stage "read")
+
+    @property
+    def sha256(self) -> str | None:
+        return hashlib.sha256(self.data).hexdigest() if self.data is not None else None
+
+
+@dataclass(slots=True)
+class DecodedImage:
+    """8-bit RGB pixels of the EXIF-corrected original, shape (height, width, 3)."""
+
+    pixels: np.ndarray
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+@dataclass(slots=True)
+class Face:
+    """One detection: box and landmarks in original pixels, an L2-normalised embedding."""
+
+    bbox: np.ndarray  # float32 [4]: x1, y1, x2, y2
+    det_score: float
+    landmarks: np.ndarray  # float32 [10]: 5 points, x then y
+    embedding: np.ndarray  # float32 [dim], unit length
+
+
+@dataclass(slots=True)
+class ImageResult:
+    """What the stages made of one image's bytes (shared by all its occurrences)."""
+
+    image_sha256: str | None
+    status: str  # "ok" | "no_face" | "error"
+    error_stage: str | None = None
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+    faces: list[Face] = field(default_factory=list)
+
+    @property
+    def n_faces(self) -> int:
+        return len(self.faces)
+
+
+def face_id(image_sha256: str, model_id: str, face_index: int) -> int:
+    """The FAISS id of a face: first 8 bytes of SHA-256 of ``sha:model:index``, sign bit cleared."""
+    digest = hashlib.sha256(f"{image_sha256}:{model_id}:{face_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
