@@ -1,0 +1,394 @@
+"""Data set sources: split a source into deterministic work units, then read each unit's images.
+
+A source (``DatasetSpec.source``) is one of:
+
+* a folder, local or remote, walked recursively in sorted order of relative path; hidden entries
+  (a path part starting with ".") and temporary files are skipped; tar files found in it become
+  tar units, every other file is kept iff ``looks_like_image`` (its name or magic bytes);
+* a glob (``shards/*.tar``, ``imgs/*``): the matching files, treated as in a folder;
+* one ``.tar`` / ``.tar.gz`` / ``.tgz`` archive;
+* a URI list file: ``.txt`` (one entry a line; blank and ``#`` lines skipped), ``.csv`` or
+  ``.parquet`` (the column named url, uri, path or source_uri, else the first column; a .csv whose
+  first line is already an entry has no header). Relative entries resolve against the list's
+  folder; http(s) entries are fetched over HTTP.
+
+Loose files and list entries are chunked into units of ``unit_size`` items in listing order
+(kinds "folder" and "urilist"); each tar is one unit of kind "tar" (a WebDataset shard), however
+many members it has, because a tar can only be read from its start. The same listing always gives
+the same units, hence the same keys.
+
+Reading never raises for one bad record: a failure becomes ``RawImage(error=reason)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import tarfile
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from typing import BinaryIO
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from . import storage
+from .config import DatasetSpec, HttpConfig
+from .errors import ConfigError, FatalError, RecordError
+from .formats import HEADER_BYTES, IMAGE_SUFFIXES, looks_like_image
+from .records import RawImage, WorkUnit
+from .sources_http import HttpFetcher, is_http
+
+log = logging.getLogger(__name__)
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+LIST_SUFFIXES = (".txt", ".csv", ".parquet")
+LIST_COLUMNS = ("url", "uri", "path", "source_uri")  # in order of preference
+GLOB_CHARS = "*?["
+READ_THREADS = 16  # concurrent reads within one unit (HTTP is further limited per host)
+SNIFF_THREADS = 16  # concurrent 16-byte reads while planning a folder of unnamed files
+# Errors that mean an archive (or the rest of it) cannot be read.
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan_units(spec: DatasetSpec, unit_size: int) -> list[WorkUnit]:
+    """The work units of ``spec.source``, in a fixed order; raises ConfigError for a bad source."""
+    if unit_size < 1:
+        raise ConfigError(f"unit_size must be at least 1, not {unit_size}")
+    source = _normalize(spec.source)
+    lower = source.lower()
+    if not storage.exists(source):
+        # A path that exists is taken as it is, even with "[" in a folder's name.
+        if any(c in source for c in GLOB_CHARS):
+            return _plan_files(spec.name, source, _glob(source), unit_size)
+        raise ConfigError(f"data set {spec.name!r}: source {source} does not exist")
+    if _is_dir(source):
+        return _plan_files(spec.name, source, _walk(source), unit_size)
+    if lower.endswith(TAR_SUFFIXES):
+        return [WorkUnit(spec.name, source, "tar", 0, (source,))]
+    if lower.endswith(LIST_SUFFIXES):
+        return _chunk(spec.name, source, "urilist", _read_list(source), unit_size)
+    raise ConfigError(
+        f"data set {spec.name!r}: source {source} is not a folder, a glob, a tar archive "
+        f"({', '.join(TAR_SUFFIXES)}) or a URI list ({', '.join(LIST_SUFFIXES)})"
+    )
+
+
+def _plan_files(dataset: str, source: str, files: list[str], unit_size: int) -> list[WorkUnit]:
+    tars = [f for f in files if f.lower().endswith(TAR_SUFFIXES)]
+    images = _keep_images([f for f in files if not f.lower().endswith(TAR_SUFFIXES)])
+    units = _chunk(dataset, source, "folder", images, unit_size)
+    return units + _chunk(dataset, source, "tar", tars, 1, start=len(units))
+
+
+def _chunk(
+    dataset: str, source: str, kind: str, items: Sequence[str], size: int, start: int = 0
+) -> list[WorkUnit]:
+    offsets = range(0, len(items), size)
+    return [
+        WorkUnit(dataset, source, kind, start + i, tuple(items[o : o + size])) for i, o in enumerate(offsets)
+    ]
+
+
+def _normalize(source: str) -> str:
+    """Local sources as absolute paths (so a source_uri names one file), others as proto://path."""
+    try:
+        fs, path = storage.url_to_fs(source)
+    except (ImportError, ValueError) as exc:  # e.g. gs:// without gcsfs (the "gcs" extra)
+        raise ConfigError(f"no file system for source {source}: {exc}") from exc
+    return _to_uri(fs, path.rstrip("/") or "/")
+
+
+def _to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if isinstance(fs, LocalFileSystem):
+        return path
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    return f"{protocol}://{path}"
+
+
+def _is_dir(uri: str) -> bool:
+    fs, path = storage.url_to_fs(uri)
+    return fs.isdir(path)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or storage.TMP_MARK in name
+
+
+def _hidden_path(relative: str) -> bool:
+    return any(_hidden(part) for part in relative.split("/") if part not in ("", ".", ".."))
+
+
+def _walk(root: str) -> list[str]:
+    fs, path = storage.url_to_fs(root)
+    if isinstance(fs, LocalFileSystem):
+        return _walk_local(path)
+    files = (uri for uri in storage.walk_files(root) if not uri.endswith("/"))
+    return sorted(uri for uri in files if not _hidden_path(uri[len(root) :]))
+
+
+def _walk_local(root: str) -> list[str]:
+    # os.walk does not descend into symlinked folders (followlinks=False), so a link loop cannot
+    # hang the walk; symlinked files are listed and read through the link. A link to nowhere or
+    # a link loop is kept if its name says image and then fails to read (an error row).
+    found = []
+    for folder, dirs, names in os.walk(root, onerror=_walk_error):
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        found += [os.path.join(folder, n) for n in names if not _hidden(n)]
+    # Sorting full paths under one root sorts them by relative path.
+    return sorted(found)
+
+
+def _walk_error(exc: OSError) -> None:
+    log.warning("cannot list %s: %s", exc.filename, exc.strerror)
+
+
+def _glob(pattern: str) -> list[str]:
+    fs, path = storage.url_to_fs(pattern)
+    matches = fs.glob(path, detail=True)
+    files = [p for p, info in matches.items() if info.get("type") == "file"]
+    uris = sorted(_to_uri(fs, p) for p in files if not _hidden(posixpath.basename(p)))
+    if not uris:
+        raise ConfigError(f"source {pattern} matches no file")
+    return uris
+
+
+def _keep_images(files: list[str]) -> list[str]:
+    """Files named as images, and unnamed files whose first bytes are an image's (read in parallel)."""
+    unnamed = [f for f in files if not _named_image(f)]
+    with ThreadPoolExecutor(SNIFF_THREADS) as pool:
+        sniffed = set(f for f, ok in zip(unnamed, pool.map(_sniff, unnamed), strict=True) if ok)
+    return [f for f in files if _named_image(f) or f in sniffed]
+
+
+def _named_image(uri: str) -> bool:
+    return posixpath.basename(uri).lower().endswith(IMAGE_SUFFIXES)
+
+
+def _sniff(uri: str) -> bool:
+    fs, path = storage.url_to_fs(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except OSError:  # unreadable and not named as an image: nothing says it is one
+        return False
+    return looks_like_image(posixpath.basename(uri), head)
+
+
+# ---------------------------------------------------------------- URI lists
+
+
+def _read_list(uri: str) -> list[str]:
+    """The entries of a URI list, resolved against its folder."""
+    try:
+        if uri.lower().endswith(".txt"):
+            entries = _txt_entries(uri)
+        else:
+            entries = _column_entries(_read_column(uri))
+    except (OSError, UnicodeDecodeError, pa.ArrowException) as exc:
+        raise ConfigError(f"cannot read URI list {uri}: {exc}") from exc
+    base = _parent(uri)
+    return [_resolve(entry, base) for entry in entries]
+
+
+def _txt_entries(uri: str) -> list[str]:
+    lines = (line.strip() for line in storage.read_bytes(uri).decode("utf-8-sig").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _read_column(uri: str) -> pa.ChunkedArray | None:
+    """The list column of a .csv or .parquet list (None when it has no column)."""
+    fs, path = storage.url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        if not uri.lower().endswith(".csv"):
+            parquet = pq.ParquetFile(f)
+            name = _pick_column(parquet.schema_arrow.names)
+            return parquet.read(columns=[name]).column(0) if name is not None else None
+        table = pa_csv.read_csv(f)
+        name = _pick_column(table.column_names)
+        if name is not None and name == table.column_names[0] and _looks_like_entry(name):
+            # No header: the first line is already an entry. Read again, naming columns f0, f1...
+            f.seek(0)
+            table = pa_csv.read_csv(f, read_options=pa_csv.ReadOptions(autogenerate_column_names=True))
+            name = table.column_names[0]
+        return table.column(name) if name is not None else None
+
+
+def _pick_column(names: list[str]) -> str | None:
+    by_lower = {name.lower(): name for name in reversed(names)}
+    return next((by_lower[c] for c in LIST_COLUMNS if c in by_lower), names[0] if names else None)
+
+
+def _looks_like_entry(name: str) -> bool:
+    return "/" in name or name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _column_entries(column: pa.ChunkedArray | None) -> list[str]:
+    if column is None:
+        return []
+    stripped = (v.strip() for v in column.cast(pa.string()).to_pylist() if v is not None)
+    return [v for v in stripped if v]
+
+
+def _parent(uri: str) -> str:
+    return uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(uri)
+
+
+def _resolve(entry: str, base: str) -> str:
+    if "://" in entry or entry.startswith("/"):
+        return entry
+    if "://" in base:
+        protocol, path = base.split("://", 1)
+        return f"{protocol}://{posixpath.normpath(posixpath.join(path, entry))}"
+    return os.path.normpath(os.path.join(base, entry))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_unit(unit: WorkUnit, http: HttpConfig) -> Iterator[RawImage]:
+    """The occurrences of ``unit`` in its order; failures come as RawImage(error=...)."""
+    if unit.kind == "tar":
+        for tar_uri in unit.items:
+            yield from _read_tar(unit.dataset, tar_uri, http.max_bytes)
+    elif unit.kind in ("folder", "urilist"):
+        yield from _read_items(unit, http)
+    else:
+        raise FatalError(f"unit {unit.key} has an unknown kind {unit.kind!r}")
+
+
+def _read_items(unit: WorkUnit, http: HttpConfig) -> Iterator[RawImage]:
+    fetcher = HttpFetcher(http) if any(is_http(u) for u in unit.items) else None
+
+    def read(uri: str) -> RawImage:
+        return _read_one(unit.dataset, uri, http.max_bytes, fetcher)
+
+    try:
+        yield from _ordered_map(read, unit.items, READ_THREADS)
+    finally:
+        if fetcher is not None:
+            fetcher.close()
+
+
+def _read_one(dataset: str, uri: str, max_bytes: int, fetcher: HttpFetcher | None) -> RawImage:
+    try:
+        data = fetcher.get(uri) if fetcher is not None and is_http(uri) else _read_file(uri, max_bytes)
+    except RecordError as exc:
+        return RawImage(dataset, uri, error=exc.reason)
+    except Exception as exc:  # one bad record must not stop the unit, whatever went wrong
+        return RawImage(dataset, uri, error=_reason(exc))
+    return RawImage(dataset, uri, data=data)
+
+
+def _read_file(uri: str, max_bytes: int) -> bytes:
+    fs, path = storage.url_to_fs(uri)
+    if fs.size(path) > max_bytes:
+        raise RecordError("read", f"larger than max_bytes ({max_bytes})")
+    return fs.cat_file(path)
+
+
+def _ordered_map(fn: Callable[[str], RawImage], items: Sequence[str], threads: int) -> Iterator[RawImage]:
+    """``fn`` over ``items`` on a thread pool, yielded in item order.
+
+    At most ``2 * threads`` results are pending at a time, so a slow first item cannot make the
+    whole unit pile up in memory.
+    """
+    if not items:
+        return
+    todo = iter(items)
+    pool = ThreadPoolExecutor(min(threads, len(items)))
+    pending = deque(pool.submit(fn, item) for item in islice(todo, 2 * threads))
+    try:
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(pool.submit(fn, item) for item in islice(todo, 1))
+            yield result
+    finally:
+        for future in pending:  # the consumer stopped early: drop what has not started
+            future.cancel()
+        pool.shutdown(wait=True)
+
+
+def _read_tar(dataset: str, tar_uri: str, max_bytes: int) -> Iterator[RawImage]:
+    """Stream the members of one archive (plain or compressed, local or remote) without seeking."""
+    try:
+        raw, archive = _open_tar(tar_uri)
+    except TAR_ERRORS as exc:
+        # Nothing is known of its members: one row records that the archive failed.
+        yield RawImage(dataset, tar_uri, error=f"cannot open archive: {_reason(exc)}")
+        return
+    with raw, archive:
+        yield from _tar_members(dataset, tar_uri, archive, max_bytes)
+
+
+def _open_tar(uri: str) -> tuple[BinaryIO, tarfile.TarFile]:
+    fs, path = storage.url_to_fs(uri)
+    raw = fs.open(path, "rb")
+    try:
+        return raw, tarfile.open(fileobj=raw, mode="r|*")
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _tar_members(dataset: str, tar_uri: str, archive: tarfile.TarFile, max_bytes: int) -> Iterator[RawImage]:
+    while True:
+        try:
+            member = archive.next()
+        except TAR_ERRORS as exc:
+            yield RawImage(dataset, tar_uri, error=f"broken archive: {_reason(exc)}")
+            return
+        if member is None:
+            return
+        if not member.isfile() or _hidden_path(member.name):
+            continue
+        uri = f"{tar_uri}#{member.name}"
+        try:
+            data = _tar_member(archive, member, max_bytes)
+        except RecordError as exc:
+            yield RawImage(dataset, uri, error=exc.reason)
+            continue
+        except TAR_ERRORS as exc:
+            # The stream position is lost with the member: the rest of the archive is unreadable.
+            yield RawImage(dataset, uri, error=f"broken archive member: {_reason(exc)}")
+            return
+        if data is not None:
+            yield RawImage(dataset, uri, data=data)
+
+
+def _tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo, max_bytes: int) -> bytes | None:
+    """The member's bytes, or None when it is not an image (a WebDataset's .json or .txt)."""
+    f = archive.extractfile(member)
+    if f is None:
+        return None
+    head = f.read(HEADER_BYTES)
+    if not looks_like_image(member.name, head):
+        return None
+    if member.size > max_bytes:
+        raise RecordError("read", f"larger than max_bytes ({max_bytes})")
+    data = head + f.read()
+    if len(data) != member.size:  # the archive ends inside this member
+        raise tarfile.ReadError("truncated archive member")
+    return data
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason for an error row: never bytes, at most 200 characters."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:200]
