@@ -23,7 +23,9 @@ class DatasetSpec(Strict):
     """One data set of the registry (``configs/datasets/<name>.yaml``)."""
 
     name: str = Field(description="[a-z0-9_-]+, unique")
-    source: str = Field(description="folder, tar/WebDataset shard(s), or a URI list file (.txt/.csv/.parquet)")
+    source: str = Field(
+        description="folder, tar/WebDataset shard(s), or a URI list file (.txt/.csv/.parquet)"
+    )
     version: str = Field("", description="a new value means the data set changed")
     license: str = Field("unknown", description="what is known of its licence")
     description: str = ""
@@ -82,9 +84,9 @@ class JobConfig(Strict):
     out: str = Field("runs-out", description="<out> root: a local path or gs://bucket/prefix")
     engine: Literal["local", "ray", "beam"] = "local"
     run_id: str | None = Field(None, description="reuse to resume a run; default: a new time-based id")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    decode: DecodeConfig = Field(default_factory=DecodeConfig)
-    http: HttpConfig = Field(default_factory=HttpConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    decode: DecodeConfig = Field(default_factory=lambda: DecodeConfig())
+    http: HttpConfig = Field(default_factory=lambda: HttpConfig())
     images_per_shard: int = Field(
         256, ge=1, description="images per work unit; each unit commits one faces and one images shard"
     )

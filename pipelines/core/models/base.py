@@ -32,4 +32,6 @@ def model_id_for(config: ModelConfig) -> str:
     """The model_id a config will produce, without loading the weights."""
     if config.backend == "dlib":
         return f"dlib-{config.detector}+dlib-resnet-v1"
-    return "scrfd_10g+w600k_r50" if (config.pack or "buffalo_l") == "buffalo_l" else f"insightface-{config.pack}"
+    return (
+        "scrfd_10g+w600k_r50" if (config.pack or "buffalo_l") == "buffalo_l" else f"insightface-{config.pack}"
+    )

@@ -1,0 +1,142 @@
+"""The ``faceaudit`` command line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .core.config import DatasetSpec, JobConfig, load_job, validate_job
+from .core.errors import FaceauditError, FatalError
+
+app = typer.Typer(
+    help="faceaudit: find out whether a face is in openly shared face data sets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _dataset_flag(value: str) -> DatasetSpec:
+    name, sep, uri = value.partition("=")
+    if not sep or not name or not uri:
+        raise typer.BadParameter(f"expected NAME=URI, got {value!r}")
+    return DatasetSpec(name=name, source=uri)
+
+
+def _build_job(config: Path | None, datasets: list[str], overrides: dict) -> JobConfig:
+    if config is None and not datasets:
+        raise typer.BadParameter("give --config FILE or at least one --dataset NAME=URI")
+    raw = load_job(config).model_dump() if config else {"datasets": []}
+    if datasets:
+        raw["datasets"] = [_dataset_flag(d).model_dump() for d in datasets]
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in ("detector", "detect_max_side"):
+            raw.setdefault("model", {})[key] = value
+        else:
+            raw[key] = value
+    return validate_job(raw)
+
+
+@app.command()
+def ingest(
+    config: Annotated[Path | None, typer.Option(help="job YAML (configs/jobs/<job>.yaml)")] = None,
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=URI of a data set (folder, tar shards or URI list); repeatable"),
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option(help="<out> root: a local folder or gs://bucket/prefix")
+    ] = None,
+    engine: Annotated[str | None, typer.Option(help="local | ray | beam")] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="run id; give an existing one to resume that run")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes (default: one per core)")] = None,
+    images_per_shard: Annotated[int | None, typer.Option(help="images per work unit and shard")] = None,
+    detector: Annotated[str | None, typer.Option(help="dlib detector: hog | cnn")] = None,
+    detect_max_side: Annotated[
+        int | None, typer.Option(help="detect on a copy downscaled to this longest side (0: full size)")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Ingest data sets: decode, detect, embed, and write Parquet shards of faces and images."""
+    overrides = dict(
+        out=out,
+        engine=engine,
+        run_id=run_id,
+        workers=workers,
+        images_per_shard=images_per_shard,
+        detector=detector,
+        detect_max_side=detect_max_side,
+        progress=progress,
+    )
+    with _fatal_errors():
+        job = _build_job(config, dataset or [], overrides)
+        summary = _run(job)
+    print_run_summary(summary.manifest, summary.uri, summary.seconds, summary.resumed_units)
+    typer.echo(summary.run_id)
+
+
+def _run(job: JobConfig):
+    if job.engine != "local":
+        raise FatalError(f"engine {job.engine!r} is not available yet; use --engine local")
+    from .engines.local_engine import run_job
+
+    return run_job(job)
+
+
+class _fatal_errors:
+    """Turn faceaudit's own errors into a clear message and a non-zero exit."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, FaceauditError):
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from exc
+        return False
+
+
+def print_run_summary(manifest: dict, uri: str, seconds: float, resumed_units: int = 0) -> None:
+    counts = manifest["counts"]
+    table = Table(title=f"run {manifest['run_id']} ({manifest['model_id']})")
+    for column in ("data set", "images", "ok", "no face", "errors", "faces"):
+        table.add_column(column, justify="left" if column == "data set" else "right")
+    for name, c in counts.get("per_dataset", {}).items():
+        table.add_row(name, *(str(c.get(k, 0)) for k in ("images", "ok", "no_face", "error", "faces")))
+    table.add_row(
+        "[bold]all", *(f"[bold]{counts.get(k, 0)}" for k in ("images", "ok", "no_face", "error", "faces"))
+    )
+    console.print(table)
+    if seconds:
+        console.print(
+            f"{counts['images'] / seconds:.1f} images/s, {counts['faces'] / seconds:.1f} faces/s"
+            f" over {seconds:.1f} s"
+            + (f" ({resumed_units} units were already committed)" if resumed_units else "")
+        )
+    else:
+        console.print("this run was already complete; nothing was done")
+    console.print(f"shards: {uri}/faces/ and {uri}/images/ ; manifest: {uri}/_manifest.json")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+def _mount_indexing() -> None:
+    from indexing.cli import index_app, search
+
+    app.add_typer(index_app, name="index")
+    app.command("search")(search)
+
+
+_mount_indexing()

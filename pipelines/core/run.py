@@ -1,0 +1,172 @@
+"""Engine-agnostic run bookkeeping: plan units, resume, assemble rows per unit, commit the run.
+
+A unit is done when its ``images`` shard exists (its ``faces`` shard is committed just before),
+so a re-run with the same run id skips done units and redoes the rest; the manifest is written
+last and only when every unit is done.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from . import storage
+from .config import JobConfig
+from .errors import FatalError
+from .records import ImageResult, RawImage, WorkUnit
+from .sources import plan_units
+from .stages import face_rows, image_row
+from .writer import ShardInfo, commit_table, faces_table, images_table, shard_info, write_manifest
+
+RUN_FORMAT = "faceaudit.run/1"
+
+
+def new_run_id() -> str:
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{now}-{secrets.token_hex(3)}"
+
+
+def run_uri(out: str, run_id: str) -> str:
+    return storage.join(out, "runs", run_id)
+
+
+def is_committed(run: str) -> bool:
+    return storage.exists(storage.join(run, "_manifest.json"))
+
+
+def part_name(unit: WorkUnit) -> str:
+    return unit.key
+
+
+@dataclass
+class RunState:
+    """What a run has committed so far, and what is left to do."""
+
+    uri: str
+    pending: list[WorkUnit]
+    done: list[WorkUnit]
+    # image_sha256 -> result (without faces) of images already committed in this run
+    seen: dict[str, ImageResult] = field(default_factory=dict)
+
+
+def plan_run(job: JobConfig, run_id: str) -> RunState:
+    uri = run_uri(job.out, run_id)
+    storage.remove_tmp_files(uri)  # left by a crashed attempt; they may hold biometric data
+    committed = set(storage.listdir(storage.join(uri, "images")))
+    pending, done = [], []
+    for spec in job.datasets:
+        for unit in plan_units(spec, job.images_per_shard):
+            (done if f"part-{part_name(unit)}.parquet" in committed else pending).append(unit)
+    state = RunState(uri, pending, done)
+    for unit in done:
+        _remember_committed(state, unit)
+    return state
+
+
+def _remember_committed(state: RunState, unit: WorkUnit) -> None:
+    table = _read_table(storage.join(state.uri, f"images/part-{part_name(unit)}.parquet"))
+    for row in table.to_pylist():
+        sha = row["image_sha256"]
+        if sha and sha not in state.seen:
+            state.seen[sha] = ImageResult(
+                image_sha256=sha,
+                status=row["status"],
+                error_stage=row["error_stage"],
+                error=row["error"],
+                width=row["width"],
+                height=row["height"],
+                faces=[None] * row["n_faces"],  # type: ignore[list-item]  # only the count is needed
+            )
+
+
+def _read_table(uri: str):
+    fs, path = storage.url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+class UnitBuffer:
+    """Rows of one unit, collected in order and committed as two shards."""
+
+    def __init__(self, unit: WorkUnit, run_id: str, model_id: str, dim: int):
+        self.unit, self.run_id, self.model_id, self.dim = unit, run_id, model_id, dim
+        self.image_rows: list[dict] = []
+        self.face_rows: list[dict] = []
+
+    def add(self, raw: RawImage, result: ImageResult, owner: bool) -> None:
+        """``owner``: this is the image's first occurrence in the run, so its faces are written here."""
+        self.image_rows.append(image_row(result, raw.dataset, raw.source_uri, self.run_id))
+        if owner:
+            self.face_rows.extend(face_rows(result, raw.dataset, raw.source_uri, self.model_id, self.run_id))
+
+    def commit(self, run: str) -> list[ShardInfo]:
+        part = part_name(self.unit)
+        faces = commit_table(run, "faces", part, faces_table(self.face_rows, self.dim))
+        images = commit_table(run, "images", part, images_table(self.image_rows))  # the unit's commit mark
+        return [faces, images]
+
+
+@dataclass
+class Tally:
+    """Counts for the progress bar and the systemic-failure check."""
+
+    images: int = 0
+    faces: int = 0
+    status: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+
+    def add(self, result: ImageResult) -> None:
+        self.images += 1
+        self.faces += result.n_faces
+        self.status[result.status] += 1
+        if result.status == "error":
+            self.reasons[f"{result.error_stage}: {result.error}"] += 1
+
+    def check_systemic(self, min_images: int = 200) -> None:
+        """Every one of many records failing means the job, not the data, is broken."""
+        if self.images >= min_images and self.status["error"] == self.images:
+            self.fail()
+
+    def fail(self) -> None:
+        top = "; ".join(f"{reason} (x{n})" for reason, n in self.reasons.most_common(3))
+        raise FatalError(f"every one of {self.images} images failed; most common reasons: {top}")
+
+
+def finish_run(state: RunState, manifest: dict) -> dict:
+    """List every committed shard, count, and write the manifest (the run's commit point)."""
+    shards = []
+    for table in ("faces", "images"):
+        for name in storage.listdir(storage.join(state.uri, table)):
+            if name.startswith("part-") and name.endswith(".parquet"):
+                shards.append(shard_info(state.uri, f"{table}/{name}"))
+    counts = _count(state.uri, shards)
+    if counts["images"] and counts["error"] == counts["images"]:
+        raise FatalError(f"every one of {counts['images']} images failed; no manifest was written")
+    body = dict(manifest, format=RUN_FORMAT, counts=counts)
+    body["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    write_manifest(state.uri, body, shards)
+    return body
+
+
+def _count(run: str, shards: list[ShardInfo]) -> dict:
+    counts: Counter = Counter()
+    per_dataset: dict[str, Counter] = {}
+    for shard in shards:
+        if shard.table == "faces":
+            counts["faces"] += shard.rows
+            continue
+        table = _read_table(storage.join(run, shard.file)).select(["dataset", "status", "n_faces"])
+        for row in table.to_pylist():
+            counts["images"] += 1
+            counts[row["status"]] += 1
+            ds = per_dataset.setdefault(row["dataset"], Counter())
+            ds["images"] += 1
+            ds[row["status"]] += 1
+            ds["faces"] += row["n_faces"]
+    out = {key: counts.get(key, 0) for key in ("images", "ok", "no_face", "error", "faces")}
+    out["per_dataset"] = {name: dict(c) for name, c in sorted(per_dataset.items())}
+    return out

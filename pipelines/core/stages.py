@@ -1,0 +1,112 @@
+"""The pure per-image stages: bytes -> decoded pixels -> faces -> an ``ImageResult``.
+
+Engines call ``analyze_batch`` in their workers with a model loaded once per worker, and turn
+results into table rows with ``image_row`` and ``face_rows``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from .config import DecodeConfig
+from .decode import decode_image
+from .errors import RecordError
+from .models.base import FaceModel
+from .records import DecodedImage, ImageResult, RawImage, face_id
+
+
+def analyze_bytes(data: bytes, model: FaceModel, decode: DecodeConfig) -> ImageResult:
+    """One image's bytes through decode, detect, align and embed."""
+    return analyze_batch([data], model, decode)[0]
+
+
+def analyze_batch(batch: Sequence[bytes], model: FaceModel, decode: DecodeConfig) -> list[ImageResult]:
+    """Each image's result, in order. A bad image becomes an error result; nothing raises but
+    a fatal error (which the engine lets end the job)."""
+    results: list[ImageResult] = []
+    decoded: list[tuple[int, DecodedImage]] = []
+    for data in batch:
+        result = ImageResult(image_sha256=hashlib.sha256(data).hexdigest(), status="ok")
+        try:
+            image = decode_image(data, decode.max_pixels)
+        except RecordError as exc:
+            _fail(result, exc)
+        else:
+            result.width, result.height = image.width, image.height
+            decoded.append((len(results), image))
+        results.append(result)
+    for position, faces in _run_model(model, decoded):
+        result = results[position]
+        if isinstance(faces, RecordError):
+            _fail(result, faces)
+        else:
+            result.faces = faces
+            result.status = "ok" if faces else "no_face"
+    return results
+
+
+def _run_model(model: FaceModel, decoded: list[tuple[int, DecodedImage]]):
+    """Yield (position, faces or RecordError). A failing batch is retried image by image so that
+    one bad image does not fail its neighbours."""
+    if not decoded:
+        return
+    try:
+        outputs = model.analyze([image for _, image in decoded])
+    except RecordError as exc:
+        if len(decoded) == 1:
+            yield decoded[0][0], exc
+            return
+        for item in decoded:
+            yield from _run_model(model, [item])
+        return
+    for (position, _), faces in zip(decoded, outputs, strict=True):
+        yield position, faces
+
+
+def _fail(result: ImageResult, exc: RecordError) -> None:
+    result.status = "error"
+    result.error_stage = exc.stage
+    result.error = exc.reason
+    result.faces = []
+
+
+def read_error_result(raw: RawImage) -> ImageResult:
+    """The result of an occurrence whose bytes could not be read."""
+    return ImageResult(image_sha256=None, status="error", error_stage="read", error=raw.error)
+
+
+def image_row(result: ImageResult, dataset: str, source_uri: str, run_id: str) -> dict:
+    return {
+        "image_sha256": result.image_sha256,
+        "dataset": dataset,
+        "source_uri": source_uri,
+        "status": result.status,
+        "error_stage": result.error_stage,
+        "error": result.error,
+        "width": result.width,
+        "height": result.height,
+        "n_faces": result.n_faces,
+        "run_id": run_id,
+    }
+
+
+def face_rows(result: ImageResult, dataset: str, source_uri: str, model_id: str, run_id: str) -> list[dict]:
+    sha = result.image_sha256
+    assert sha is not None or not result.faces
+    return [
+        {
+            "face_id": face_id(sha, model_id, index),
+            "image_sha256": sha,
+            "dataset": dataset,
+            "source_uri": source_uri,
+            "face_index": index,
+            "bbox": face.bbox,
+            "det_score": face.det_score,
+            "landmarks": face.landmarks,
+            "embedding": face.embedding,
+            "model_id": model_id,
+            "run_id": run_id,
+        }
+        for index, face in enumerate(result.faces)
+    ]

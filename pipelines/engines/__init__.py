@@ -1,0 +1,1 @@
+"""Engines: thin adapters that run the core's stages (local, Ray Data, Apache Beam)."""

@@ -1,0 +1,262 @@
+"""The local engine: one machine, worker processes for decode+detect+embed, the driver for I/O.
+
+The driver reads work units in order, hashes each image, and sends only images it has not met
+in this run to a pool of worker processes (each loads the model once). Results come back in
+input order through a bounded window, so memory stays bounded and units commit in order.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import multiprocessing as mp
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from ..core import storage
+from ..core.config import DecodeConfig, JobConfig, ModelConfig
+from ..core.errors import FatalError
+from ..core.models import FaceModel, load_model
+from ..core.records import ImageResult, RawImage
+from ..core.run import RunState, Tally, UnitBuffer, finish_run, is_committed, new_run_id, plan_run, run_uri
+from ..core.sources import read_unit
+from ..core.stages import analyze_batch, read_error_result
+
+log = logging.getLogger(__name__)
+
+# --- worker side: the model is loaded once per process --------------------------------------
+
+_worker: dict = {}
+
+
+def _init_worker(model_config: ModelConfig, decode: DecodeConfig) -> None:
+    _worker.clear()
+    _worker["decode"] = decode
+    try:
+        _worker["model"] = load_model(model_config)
+    except FatalError as exc:
+        _worker["error"] = exc  # reported by the first task, so the driver fails loudly
+
+
+def _model() -> FaceModel:
+    if "error" in _worker:
+        raise _worker["error"]
+    return _worker["model"]
+
+
+def _describe() -> tuple[str, int, float]:
+    model = _model()
+    return model.model_id, model.dim, model.match_threshold
+
+
+def _analyze(batch: list[bytes]) -> list[ImageResult]:
+    return analyze_batch(batch, _model(), _worker["decode"])
+
+
+class InlineExecutor:
+    """Runs tasks in the driver (workers=1): same code path, no processes."""
+
+    def __init__(self, model_config: ModelConfig, decode: DecodeConfig):
+        _init_worker(model_config, decode)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, cancel_futures: bool = False) -> None:
+        _worker.clear()
+
+
+def _executor(job: JobConfig, workers: int):
+    if workers <= 1:
+        return InlineExecutor(job.model, job.decode)
+    # spawn, not fork: the driver runs HTTP threads, and forking a threaded process is unsafe
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(job.model, job.decode),
+    )
+
+
+# --- driver side ---------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """Images sent to a worker together."""
+
+    data: list[bytes] = field(default_factory=list)
+    future: Future | None = None
+
+
+@dataclass
+class Slot:
+    """One occurrence waiting in the window, in input order."""
+
+    raw: RawImage
+    buffer: UnitBuffer
+    batch: Batch | None = None  # where its result comes from (None: known already)
+    position: int = 0
+    result: ImageResult | None = None
+    owner: bool = False  # first occurrence of these bytes in the run: its faces are written
+
+
+@dataclass
+class UnitEnd:
+    buffer: UnitBuffer
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    uri: str
+    manifest: dict
+    resumed_units: int = 0
+    seconds: float = 0.0
+    analyzed: int = 0  # images sent to the model (each distinct image once)
+
+
+class LocalRun:
+    def __init__(self, job: JobConfig, run_id: str, state: RunState, executor, info: tuple[str, int, float]):
+        self.job, self.run_id, self.state, self.executor = job, run_id, state, executor
+        self.model_id, self.dim, self.threshold = info
+        self.batch_size = 1 if job.model.backend == "dlib" else 16
+        workers = job.workers or os.cpu_count() or 1
+        self.max_window = job.max_in_flight or 8 * workers * self.batch_size
+        self.window: deque[Slot | UnitEnd] = deque()
+        self.open_batch = Batch()
+        self.inflight: dict[str, Slot] = {}  # sha -> owner slot not yet resolved
+        self.analyzed = 0
+        self.tally = Tally()
+        self.bar = tqdm(
+            total=sum(len(u.items) for u in state.pending if u.kind != "tar") or None,
+            unit="img",
+            disable=not job.progress,
+            dynamic_ncols=True,
+        )
+
+    def run(self) -> None:
+        for unit in self.state.pending:
+            buffer = UnitBuffer(unit, self.run_id, self.model_id, self.dim)
+            for raw in read_unit(unit, self.job.http):
+                self._push(self._slot(raw, buffer))
+            self._push(UnitEnd(buffer))
+        while self.window:
+            self._pop()
+        self.bar.close()
+        if self.tally.images and self.tally.status["error"] == self.tally.images:
+            self.tally.fail()
+
+    def _slot(self, raw: RawImage, buffer: UnitBuffer) -> Slot:
+        if raw.data is None:
+            return Slot(raw, buffer, result=read_error_result(raw))
+        sha = raw.sha256
+        assert sha is not None
+        if sha in self.state.seen:
+            return Slot(raw, buffer, result=self.state.seen[sha])
+        if sha in self.inflight:
+            first = self.inflight[sha]
+            return Slot(raw, buffer, batch=first.batch, position=first.position)
+        slot = Slot(raw, buffer, batch=self.open_batch, position=len(self.open_batch.data), owner=True)
+        self.open_batch.data.append(raw.data)
+        raw.data = None  # the batch holds the bytes now; keep one copy
+        self.inflight[sha] = slot
+        if len(self.open_batch.data) >= self.batch_size:
+            self._submit()
+        return slot
+
+    def _submit(self) -> None:
+        if self.open_batch.data:
+            self.analyzed += len(self.open_batch.data)
+            self.open_batch.future = self.executor.submit(_analyze, self.open_batch.data)
+            self.open_batch = Batch()
+
+    def _push(self, item: Slot | UnitEnd) -> None:
+        self.window.append(item)
+        while len(self.window) > self.max_window:
+            self._pop()
+
+    def _pop(self) -> None:
+        item = self.window.popleft()
+        if isinstance(item, UnitEnd):
+            item.buffer.commit(self.state.uri)
+            return
+        result = item.result or self._wait(item)
+        item.buffer.add(item.raw, result, item.owner)
+        self.tally.add(result)
+        self.tally.check_systemic()
+        self.bar.update(1)
+        self.bar.set_postfix(faces=self.tally.faces, errors=self.tally.status["error"], refresh=False)
+
+    def _wait(self, slot: Slot) -> ImageResult:
+        batch = slot.batch
+        assert batch is not None
+        if batch.future is None:
+            self._submit()
+        assert batch.future is not None
+        result = batch.future.result()[slot.position]  # a FatalError from a worker ends the job here
+        if slot.owner and result.image_sha256:
+            self.inflight.pop(result.image_sha256, None)
+            self.state.seen[result.image_sha256] = _without_faces(result)
+            batch.data[slot.position] = b""  # free the bytes once resolved
+        return result
+
+
+def _without_faces(result: ImageResult) -> ImageResult:
+    return ImageResult(
+        result.image_sha256,
+        result.status,
+        result.error_stage,
+        result.error,
+        result.width,
+        result.height,
+        faces=[None] * result.n_faces,  # type: ignore[list-item]  # duplicates need only the count
+    )
+
+
+def run_job(job: JobConfig) -> RunSummary:
+    """Run (or resume) an ingest job on this machine; returns the committed run's manifest."""
+    started = dt.datetime.now(dt.timezone.utc)
+    run_id = job.run_id or new_run_id()
+    uri = run_uri(job.out, run_id)
+    if is_committed(uri):
+        manifest = _read_manifest(uri)
+        return RunSummary(run_id, uri, manifest)
+    state = plan_run(job, run_id)
+    workers = job.workers or os.cpu_count() or 1
+    executor = _executor(job, workers)
+    try:
+        info = executor.submit(_describe).result()
+        local = LocalRun(job, run_id, state, executor, info)
+        local.run()
+    finally:
+        executor.shutdown(cancel_futures=True)
+    manifest = {
+        "run_id": run_id,
+        "engine": "local",
+        "model_id": info[0],
+        "dim": info[1],
+        "match_threshold": info[2],
+        "model": job.model.model_dump(),
+        "datasets": [d.model_dump(include={"name", "version", "source", "license"}) for d in job.datasets],
+        "config": job.model_dump(mode="json"),
+        "created_at": started.isoformat(),
+    }
+    body = finish_run(state, manifest)
+    elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+    return RunSummary(run_id, uri, body, len(state.done), elapsed, local.analyzed)
+
+
+def _read_manifest(uri: str) -> dict:
+    import json
+
+    return json.loads(storage.read_text(storage.join(uri, "_manifest.json")))
