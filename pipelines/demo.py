@@ -1,0 +1,85 @@
+"""``make demo``: ingest two small data sets made from the sample photos that ship in the
+insightface wheel, build an index, search it with an altered photo, and print what happened.
+
+The two data sets: ``originals`` (the photos as shipped, plus one broken file and one exact
+copy, to show error rows and de-duplication) and ``variants`` (re-encoded, cropped and mirrored
+copies, which are new bytes and so new images, but the same people).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import shutil
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from .core.config import DatasetSpec, JobConfig
+from .core.errors import FatalError
+
+
+def sample_photos() -> list[Path]:
+    """The sample images of the insightface wheel, found without importing insightface."""
+    spec = importlib.util.find_spec("insightface")
+    if spec is None or not spec.submodule_search_locations:
+        raise FatalError("the demo photos come with insightface: pip install --no-deps insightface")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "images"
+    photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".png"))
+    if not photos:
+        raise FatalError(f"no sample photos in {folder}")
+    return photos
+
+
+def make_datasets(work: Path) -> dict[str, Path]:
+    originals, variants = work / "data" / "originals", work / "data" / "variants"
+    for folder in (originals, variants):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    for photo in sample_photos():
+        shutil.copy(photo, originals / photo.name)
+        image = ImageOps.exif_transpose(Image.open(photo)).convert("RGB")
+        _save(image, variants / f"{photo.stem}-q60.jpg", quality=60)
+        w, h = image.size
+        _save(image.crop((w // 20, h // 20, w - w // 20, h - h // 20)), variants / f"{photo.stem}-crop.jpg")
+        _save(ImageOps.mirror(image), variants / f"{photo.stem}-mirror.jpg")
+    first = sorted(originals.iterdir())[0]
+    shutil.copy(first, originals / f"copy-of-{first.name}")  # same bytes: one image, two occurrences
+    (originals / "broken.jpg").write_bytes(first.read_bytes()[:2000])  # a truncated file: an error row
+    return {"originals": originals, "variants": variants}
+
+
+def _save(image: Image.Image, path: Path, quality: int = 90) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    path.write_bytes(buffer.getvalue())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work", default="demo", help="folder for the demo's data, runs and index")
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    datasets = make_datasets(work)
+    job = JobConfig(
+        datasets=[DatasetSpec(name=name, source=str(path)) for name, path in datasets.items()],
+        out=str(work / "runs"),
+        images_per_shard=8,
+    )
+    from .cli import print_run_summary
+    from .engines.local_engine import run_job
+
+    summary = run_job(job)
+    print_run_summary(summary.manifest, summary.uri, summary.seconds, summary.resumed_units)
+    _index_and_search(summary.uri, work, datasets["variants"])
+
+
+def _index_and_search(run: str, work: Path, variants: Path) -> None:
+    from indexing.demo import build_and_search
+
+    build_and_search(run, str(work / "index"), sorted(variants.glob("*-mirror.jpg"))[:1])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real photos in ../shared/data/faces, and one real ingest run of them."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FACES_DIR = Path(os.environ.get("FACEAUDIT_FACES", REPO.parent / "shared" / "data" / "faces"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where an NVIDIA GPU is visible."""
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="no NVIDIA GPU on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _has_gpu() -> bool:
+    return Path("/dev/nvidia0").exists() or bool(os.environ.get("FACEAUDIT_GPU_TESTS"))
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    if not FACES_DIR.is_dir():
+        pytest.fail(f"the shared test photos are missing: {FACES_DIR}")
+    return FACES_DIR
+
+
+@pytest.fixture(scope="session")
+def master_pairs(faces_dir) -> list[tuple[str, str, bool]]:
+    """(file_x, file_y, same person) from master.csv."""
+    with open(faces_dir / "master.csv", newline="") as f:
+        return [(r["file_x"], r["file_y"], r["Decision"] == "Yes") for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="session")
+def faces_run(tmp_path_factory, faces_dir):
+    """One real ingest of every shared photo (dlib models, local engine), shared by all tests."""
+    from pipelines.core.config import DatasetSpec, JobConfig
+    from pipelines.engines.local_engine import run_job
+
+    out = tmp_path_factory.mktemp("faces-run")
+    job = JobConfig(
+        datasets=[DatasetSpec(name="deepface", source=str(faces_dir))],
+        out=str(out),
+        run_id="faces",
+        images_per_shard=16,
+        progress=False,
+    )
+    return run_job(job)

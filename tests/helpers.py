@@ -1,0 +1,42 @@
+"""Small helpers shared by tests: read a run back, sort rows for comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def read_table(run: str | Path, table: str) -> pa.Table:
+    parts = sorted((Path(run) / table).glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else None
+
+
+def manifest(run: str | Path) -> dict:
+    return json.loads((Path(run) / "_manifest.json").read_text())
+
+
+def image_rows(run) -> list[dict]:
+    rows = read_table(run, "images").drop(["run_id"]).to_pylist()
+    return sorted(rows, key=lambda r: (r["dataset"], r["source_uri"]))
+
+
+def face_rows(run) -> list[dict]:
+    rows = read_table(run, "faces").drop(["run_id"]).to_pylist()
+    return sorted(rows, key=lambda r: r["face_id"])
+
+
+def largest_face_embeddings(run) -> dict[str, np.ndarray]:
+    """File name -> embedding of its largest face, from the Parquet output."""
+    faces = read_table(run, "faces").to_pylist()
+    best: dict[str, tuple[float, np.ndarray]] = {}
+    for row in faces:
+        x1, y1, x2, y2 = row["bbox"]
+        area = (x2 - x1) * (y2 - y1)
+        name = Path(row["source_uri"]).name
+        if name not in best or area > best[name][0]:
+            best[name] = (area, np.asarray(row["embedding"], dtype=np.float32))
+    return {name: emb for name, (_, emb) in best.items()}
