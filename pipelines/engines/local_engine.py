@@ -195,7 +195,11 @@ class LocalRun:
         self.tally.add(result)
         self.tally.check_systemic()
         self.bar.update(1)
-        self.bar.set_postfix(faces=self.tally.faces, errors=self.tally.status["error"], refresh=False)
+        elapsed = self.bar.format_dict["elapsed"] or 1e-9
+        self.bar.set_postfix_str(
+            f"faces={self.tally.faces} ({self.tally.faces / elapsed:.1f}/s) errors={self.tally.status['error']}",
+            refresh=False,
+        )
 
     def _wait(self, slot: Slot) -> ImageResult:
         batch = slot.batch
