@@ -8,11 +8,17 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+
+# insightface's model zoo README: its pretrained packs are for non-commercial research only.
+_INSIGHTFACE_TERMS = "insightface model zoo: non-commercial research purposes only"
+INSIGHTFACE_PACK_LICENSES = {
+    name: _INSIGHTFACE_TERMS for name in ("buffalo_l", "buffalo_m", "buffalo_s", "antelopev2")
+}
 
 
 class Strict(BaseModel):
@@ -59,9 +65,42 @@ class ModelConfig(Strict):
     )
     num_jitters: int = Field(1, ge=1, description="dlib: re-sampled descriptors averaged per face")
     max_faces: int = Field(0, ge=0, description="keep at most this many faces per image (0: all)")
-    # insightface backend
+    # insightface backend (docs/insightface.md)
     pack: str | None = Field(None, description="insightface model pack: a name, folder or gs:// URI")
-    providers: list[str] = Field(default_factory=lambda: ["cpu"])
+    providers: list[str] = Field(
+        default_factory=lambda: ["cpu"], description="ONNX Runtime providers in order: tensorrt, cuda, cpu"
+    )
+    pack_root: str | None = Field(
+        None, description="where named packs live (default: insightface's ~/.insightface/models)"
+    )
+    pack_sha256: str | None = Field(
+        None, description="sha256sum list that every .onnx file must match (default: <pack>/SHA256SUMS)"
+    )
+    pack_license: str | None = Field(
+        None, description="the pack's licence, written to the run manifest (default: known for named packs)"
+    )
+    cache_dir: str | None = Field(
+        None, description="local folder for gs:// packs and TensorRT engines (default: ~/.cache/faceaudit)"
+    )
+    det_size: int = Field(640, ge=32, description="insightface: detector input side (letterboxed to it)")
+    nms_threshold: float = Field(0.4, ge=0, le=1, description="insightface: IoU above which boxes merge")
+    det_batch_size: int = Field(16, ge=1, description="insightface: images per detector run")
+    embed_batch_size: int = Field(64, ge=1, description="insightface: aligned faces per embedder run")
+    fp16: bool = Field(True, description="insightface on TensorRT: build fp16 engines")
+    threads: int = Field(0, ge=0, description="insightface: ORT CPU threads per worker (0: ORT default)")
+
+    @model_validator(mode="after")
+    def _insightface_defaults(self) -> ModelConfig:
+        """Defaults that differ by backend: SCRFD scores are probabilities (insightface keeps >= 0.5),
+        and the licence of a known pack is written down so that it reaches the run manifest."""
+        if self.backend != "insightface":
+            return self
+        if "det_threshold" not in self.model_fields_set:
+            self.det_threshold = 0.5
+        if self.pack_license is None:
+            name = (self.pack or "buffalo_l").rstrip("/").rsplit("/", 1)[-1]
+            self.pack_license = INSIGHTFACE_PACK_LICENSES.get(name, "unknown")
+        return self
 
 
 class HttpConfig(Strict):
@@ -75,6 +114,31 @@ class DecodeConfig(Strict):
     max_pixels: int = Field(
         64_000_000, gt=0, description="reject images with more pixels (read from the header, before decoding)"
     )
+
+
+class RayConfig(Strict):
+    """Resources of the Ray engine; taken from here, never from probing the driver."""
+
+    address: str | None = Field(
+        None, description="Ray cluster to join (ray://host:10001, auto); default: RAY_ADDRESS, else local"
+    )
+    actors: int = Field(0, ge=0, description="model actors in the pool (0: cluster CPUs / actor_cpus)")
+    actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each model actor")
+    actor_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each model actor (0.5: two share one)")
+    read_cpus: float = Field(
+        0.0, ge=0, description="CPUs reserved by each read and commit task (0: they mostly wait on I/O)"
+    )
+    batch_size: int = Field(0, ge=0, description="images per model call (0: 1 for dlib, 16 otherwise)")
+
+
+class BeamConfig(Strict):
+    """Pipeline options of the Beam engine (the command line's extra arguments are appended)."""
+
+    options: list[str] = Field(
+        default_factory=list,
+        description="Beam pipeline options, e.g. ['--runner=DataflowRunner', '--project=p', '--region=r']",
+    )
+    max_batch_size: int = Field(0, ge=0, description="images per model call (0: 1 for dlib, 16 otherwise)")
 
 
 class JobConfig(Strict):
@@ -93,6 +157,8 @@ class JobConfig(Strict):
     workers: int = Field(0, ge=0, description="worker processes (0: one per CPU core)")
     max_in_flight: int = Field(0, ge=0, description="images read but not yet written (0: 8 per worker)")
     progress: bool = True
+    ray: RayConfig = Field(default_factory=lambda: RayConfig(), description="the Ray engine's resources")
+    beam: BeamConfig = Field(default_factory=lambda: BeamConfig(), description="the Beam engine's options")
 
 
 def load_registry(folder: str | os.PathLike[str]) -> dict[str, DatasetSpec]:

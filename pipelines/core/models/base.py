@@ -32,6 +32,7 @@ def model_id_for(config: ModelConfig) -> str:
     """The model_id a config will produce, without loading the weights."""
     if config.backend == "dlib":
         return f"dlib-{config.detector}+dlib-resnet-v1"
-    return (
-        "scrfd_10g+w600k_r50" if (config.pack or "buffalo_l") == "buffalo_l" else f"insightface-{config.pack}"
-    )
+    # a pack given as a folder or gs:// URI is named by its last path part, so that the same pack
+    # gives the same model_id wherever it is kept
+    name = (config.pack or "buffalo_l").rstrip("/").rsplit("/", 1)[-1]
+    return "scrfd_10g+w600k_r50" if name == "buffalo_l" else f"insightface-{name}"

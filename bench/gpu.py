@@ -1,0 +1,728 @@
+"""GPU throughput of the insightface backend: detection, alignment and embedding, per runtime and batch.
+
+NOT YET RUN ON A GPU. It was written and dry-run (--dry-run, CPU only) in a session without one;
+no figure in the docs comes from it yet.
+
+    python bench/gpu.py [--pack DIR] [--photos DIR] [--max-side 0] [--seconds 4] [--budget 420]
+                        [--det-batches 16,32,64] [--embed-batches 64,128,256] [--out .bench/gpu.json]
+                        [--wheels DIR] [--dry-run]
+
+Made to run in one call on a lent GPU machine (no internet, at most 64 MiB carried, PyTorch with
+CUDA, onnx, and an onnxruntime that may be CPU-only) in under 8 minutes (--budget, seconds, stops
+starting new measurements in time):
+
+* Graphs: the real pack's det/rec .onnx when --pack is given, else SCRFD-10G- and
+  IResNet-50-shaped networks with random weights, built here in PyTorch (their multiply-adds per
+  image are counted and printed) and exported to ONNX.
+* Runtimes: onnxruntime's TensorRT (fp16) and CUDA providers when this onnxruntime has them; if it
+  has neither, the same networks run in PyTorch on CUDA (fp16), plugged into our own detector and
+  embedder through the same ``run(uint8 NHWC batch)`` interface. Every row names its runtime.
+* Figures: images/s of end-to-end analysis (letterbox, detection, decoding, NMS, up to 2 faces per
+  image aligned and embedded) per batch size; faces/s of embedding alone; each against a bare loop
+  of the same session or network on a pre-made batch (the ratio shows what our Python costs);
+  mean GPU utilisation from nvidia-smi while each ran.
+* CPU side with all cores (decode, letterbox, alignment): the likely ceiling per GPU.
+
+--wheels DIR first installs missing pure-Python dependencies (pydantic, pyyaml, fsspec,
+opencv-python-headless, onnx2torch, ...) from wheels carried in DIR, with pip --no-index.
+Prints a table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import io
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PHOTOS = REPO.parent / "shared" / "data" / "faces"
+NEEDED = ("numpy", "cv2", "PIL", "pydantic", "yaml", "fsspec", "onnx", "onnxruntime")
+
+
+# --- setup -----------------------------------------------------------------------------------
+
+
+def preflight(wheels: str | None) -> list[str]:
+    """Missing modules after installing what --wheels offers; the bench runs what it can without them."""
+    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    if missing and wheels:
+        names = {"cv2": "opencv-python-headless", "PIL": "pillow", "yaml": "pyyaml"}
+        packages = [names.get(m, m) for m in missing] + ["onnx2torch"]
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", wheels, *packages]
+        subprocess.run(cmd, check=False)
+        importlib.invalidate_caches()
+        missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    return missing
+
+
+def environment() -> dict:
+    info: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+    }
+    info["cpus"] = os.cpu_count()
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.is_available()
+        info["device"] = (
+            torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+        )
+    except ImportError:
+        info["torch"] = None
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+        info["ort_providers"] = ort.get_available_providers()
+    except ImportError:
+        info["onnxruntime"] = None
+        info["ort_providers"] = []
+    return info
+
+
+# --- networks with the real architectures' shapes (random weights) ---------------------------
+
+
+def torch_networks():
+    """(SCRFD-10G-shaped detector, IResNet-50-shaped embedder) as torch modules."""
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, stride=1, k=3, act=True):
+        layers = [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
+        return nn.Sequential(*layers, nn.ReLU(inplace=True)) if act else nn.Sequential(*layers)
+
+    class Basic(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(conv_bn(cin, cout, stride), conv_bn(cout, cout, act=False))
+            self.skip = (
+                nn.Identity()
+                if stride == 1 and cin == cout
+                else nn.Sequential(nn.AvgPool2d(stride, stride), conv_bn(cin, cout, k=1, act=False))
+            )
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.skip(x))
+
+    class ScrfdLike(nn.Module):
+        """ResNet-v1e stem, BasicBlock stages (3, 4, 2, 3) of (56, 88, 88, 224) channels, a PAFPN of
+        56 channels and shared 3-conv heads of 80 channels over strides 8, 16, 32, 2 anchors each:
+        SCRFD-10G's layout. Score logits get a fixed map so that every image has exactly two
+        confident, far-apart anchors: random weights would otherwise score everything near 0.5."""
+
+        def __init__(self, size=640):
+            super().__init__()
+            self.stem = nn.Sequential(
+                conv_bn(3, 28, 2), conv_bn(28, 28), conv_bn(28, 56), nn.MaxPool2d(3, 2, 1)
+            )
+            stages, cin = [], 56
+            for blocks, cout, stride in ((3, 56, 1), (4, 88, 2), (2, 88, 2), (3, 224, 2)):
+                stages.append(
+                    nn.Sequential(
+                        *[
+                            Basic(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+                            for i in range(blocks)
+                        ]
+                    )
+                )
+                cin = cout
+            self.stages = nn.ModuleList(stages)
+            self.lateral = nn.ModuleList([conv_bn(c, 56, k=1) for c in (88, 88, 224)])
+            self.top_down = nn.ModuleList([conv_bn(56, 56) for _ in range(3)])
+            self.bottom_up = nn.ModuleList([conv_bn(56, 56, 2) for _ in range(2)])
+            self.head = nn.Sequential(conv_bn(56, 80), conv_bn(80, 80), conv_bn(80, 80))
+            self.cls, self.reg, self.kps = (
+                nn.Conv2d(80, 2, 3, 1, 1),
+                nn.Conv2d(80, 8, 3, 1, 1),
+                nn.Conv2d(80, 20, 3, 1, 1),
+            )
+            n32 = (size // 32) ** 2 * 2
+            bias = torch.full((n32,), -30.0)
+            cells = n32 // 2
+            bias[[2 * (cells // 8), 2 * (cells - cells // 8)]] = 30.0  # two anchors far apart
+            self.register_buffer("score_bias", bias)
+
+        def forward(self, x):
+            x = self.stem(x)
+            feats = []
+            for i, stage in enumerate(self.stages):
+                x = stage(x)
+                if i >= 1:
+                    feats.append(x)
+            lat = [f(x) for f, x in zip(self.lateral, feats, strict=True)]
+            for i in (1, 0):
+                lat[i] = lat[i] + nn.functional.interpolate(
+                    lat[i + 1], size=lat[i].shape[-2:], mode="nearest"
+                )
+            outs = [f(x) for f, x in zip(self.top_down, lat, strict=True)]
+            for i in (0, 1):
+                outs[i + 1] = outs[i + 1] + self.bottom_up[i](outs[i])
+            scores, boxes, points = [], [], []
+            for level, feat in enumerate(outs):
+                h = self.head(feat)
+                b = feat.shape[0]
+                s = self.cls(h).permute(0, 2, 3, 1).reshape(b, -1, 1)
+                if level == 2:
+                    s = s + self.score_bias.view(1, -1, 1).to(s.dtype)
+                else:
+                    s = s - 30
+                scores.append(torch.sigmoid(s))
+                boxes.append(self.reg(h).permute(0, 2, 3, 1).reshape(b, -1, 4).abs() + 1)  # valid boxes
+                points.append(self.kps(h).permute(0, 2, 3, 1).reshape(b, -1, 10))
+            return (*scores, *boxes, *points)
+
+    class IBasic(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.BatchNorm2d(cin),
+                nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.PReLU(cout),
+                nn.Conv2d(cout, cout, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(cout),
+            )
+            self.skip = (
+                nn.Identity()
+                if stride == 1 and cin == cout
+                else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            )
+
+        def forward(self, x):
+            return self.body(x) + self.skip(x)
+
+    class IResNet50(nn.Module):
+        """insightface's arcface_torch iresnet50: 112x112 in, (3, 4, 14, 3) blocks, 512-d out."""
+
+        def __init__(self):
+            super().__init__()
+            layers, cin = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64)], 64
+            for blocks, cout in ((3, 64), (4, 128), (14, 256), (3, 512)):
+                layers += [IBasic(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(blocks)]
+                cin = cout
+            self.body = nn.Sequential(*layers, nn.BatchNorm2d(512))
+            self.fc = nn.Linear(512 * 7 * 7, 512)
+            self.features = nn.BatchNorm1d(512)
+
+        def forward(self, x):
+            return self.features(self.fc(torch.flatten(self.body(x), 1)))
+
+    return ScrfdLike().eval(), IResNet50().eval()
+
+
+def count_gmacs(module, shape) -> float:
+    """Multiply-adds of one image through the Conv2d and Linear layers."""
+    import torch
+    from torch import nn
+
+    total = [0]
+
+    def hook(layer, inputs, output):
+        if isinstance(layer, nn.Conv2d):
+            total[0] += (
+                output.numel()
+                * layer.in_channels
+                // layer.groups
+                * layer.kernel_size[0]
+                * layer.kernel_size[1]
+            )
+        elif isinstance(layer, nn.Linear):
+            total[0] += layer.in_features * layer.out_features
+
+    handles = [
+        m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    with torch.no_grad():
+        module(torch.zeros(1, *shape))
+    for h in handles:
+        h.remove()
+    return total[0] / 1e9
+
+
+def export_onnx(module, shape, path: Path, n_outputs: int) -> str | None:
+    """Export with a symbolic batch dimension; the reason when it fails."""
+    import torch
+
+    names = [f"out{i}" for i in range(n_outputs)]
+    axes = {"input.1": {0: "batch"}, **{n: {0: "batch"} for n in names}}
+    args = dict(input_names=["input.1"], output_names=names, dynamic_axes=axes, opset_version=17)
+    try:
+        try:
+            torch.onnx.export(module, torch.zeros(2, *shape), str(path), dynamo=False, **args)
+        except TypeError:  # a torch without the dynamo switch
+            torch.onnx.export(module, torch.zeros(2, *shape), str(path), **args)
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON, the torch runtime still runs
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
+class TorchRunner:
+    """Our Runner interface on a torch module: uint8 NHWC uploaded, normalised and cast on the GPU."""
+
+    def __init__(self, module, device: str, mean: float, std: float, fp16: bool, per_image: bool = False):
+        import torch
+
+        self.torch, self.device, self.mean, self.scale = torch, device, mean, 1.0 / std
+        self.per_image = per_image  # a batch-1 graph converted from ONNX: one image per forward
+        self.dtype = torch.float16 if fp16 else torch.float32
+        self.module = module.to(device=device, dtype=self.dtype).to(memory_format=torch.channels_last)
+
+    def tensor(self, pixels: np.ndarray):
+        x = self.torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return (
+            ((x.float() - self.mean) * self.scale)
+            .to(self.dtype)
+            .contiguous(memory_format=self.torch.channels_last)
+        )
+
+    def forward(self, x):
+        with self.torch.inference_mode():
+            out = self.module(x)
+        return out if isinstance(out, tuple) else (out,)
+
+    def run(self, pixels: np.ndarray) -> list[np.ndarray]:
+        if not self.per_image:
+            return [o.float().cpu().numpy() for o in self.forward(self.tensor(pixels))]
+        singles = [self.run_one(pixels[i : i + 1]) for i in range(len(pixels))]
+        return [np.concatenate(parts) for parts in zip(*singles, strict=True)]
+
+    def run_one(self, pixels: np.ndarray) -> list[np.ndarray]:
+        outs = [o.float().cpu().numpy() for o in self.forward(self.tensor(pixels))]
+        return [o if o.shape[0] == 1 else o[np.newaxis] for o in outs]  # folded [anchors, k] outputs
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+class GpuSampler:
+    """Mean GPU utilisation (%) from nvidia-smi while a block runs; None without nvidia-smi."""
+
+    def __init__(self):
+        self.values: list[float] = []
+        self.proc = None
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            cmd = [
+                "nvidia-smi",
+                "--query-gpu=utilization.gpu",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                "200",
+            ]
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                self.values.append(float(line.split(",")[0]))
+            except ValueError:
+                pass
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+
+    @property
+    def mean(self) -> float | None:
+        return round(float(np.mean(self.values)), 1) if self.values else None
+
+
+@dataclass
+class Row:
+    runtime: str  # ort-tensorrt-fp16, ort-cuda, ort-cpu, torch-cuda-fp16, ...
+    stage: str  # end-to-end, detect-bare, embed, embed-bare, cpu-side
+    batch: int
+    images_s: float | None = None
+    faces_s: float | None = None
+    ratio_to_bare: float | None = None
+    gpu_util: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Clock:
+    """The time budget: measurements that would not finish in it are skipped, and say so."""
+
+    budget: float
+    seconds: float
+    start: float = field(default_factory=time.monotonic)
+
+    def allows(self, factor: float = 1.5) -> bool:
+        return time.monotonic() - self.start + self.seconds * factor < self.budget
+
+
+def timed(fn, seconds: float, sync=None) -> tuple[int, float, float | None]:
+    """(calls, elapsed, GPU utilisation) of calling ``fn`` for about ``seconds``, after a warm-up call."""
+    fn()
+    if sync:
+        sync()
+    calls, start = 0, time.perf_counter()
+    with GpuSampler() as gpu:
+        while time.perf_counter() - start < seconds:
+            fn()
+            calls += 1
+        if sync:
+            sync()
+    return calls, time.perf_counter() - start, gpu.mean
+
+
+# --- the pipeline under test -----------------------------------------------------------------
+
+
+def analyze(detector, embedder, images: list[np.ndarray], max_faces: int) -> int:
+    """What InsightfaceModel.analyze does after decoding; returns the number of faces embedded."""
+    from pipelines.core.models.insightface_align import align
+    from pipelines.core.models.insightface_detect import Detections
+
+    found = [
+        Detections(d.boxes[:max_faces], d.scores[:max_faces], d.landmarks[:max_faces])
+        for d in detector.detect(images)
+    ]
+    vectors = embedder.embed(align(images, [d.landmarks for d in found], embedder.size))
+    return len(vectors)
+
+
+def bench_pair(
+    runtime: str, detector, embedder, bare_det, bare_embed, images, args, clock, sync=None
+) -> list[Row]:
+    """End-to-end and bare detection per batch size, embedding and bare embedding per batch size."""
+    from pipelines.core.models.insightface_detect import letterbox
+
+    rows = []
+    for batch in args.det_batches:
+        if not clock.allows(3):
+            rows.append(Row(runtime, "end-to-end", batch, note="skipped: time budget"))
+            continue
+        chosen = [images[i % len(images)] for i in range(batch)]
+        detector.batch_size = batch
+        faces = analyze(detector, embedder, chosen, 2)
+        calls, elapsed, util = timed(lambda c=chosen: analyze(detector, embedder, c, 2), args.seconds, sync)
+        pixels, _ = letterbox(chosen, detector.in_w, detector.in_h)
+        bare_calls, bare_elapsed, bare_util = timed(lambda p=pixels: bare_det(p), args.seconds, sync)
+        e2e, bare = calls * batch / elapsed, bare_calls * batch / bare_elapsed
+        rows.append(Row(runtime, "end-to-end", batch, e2e, calls * faces / elapsed, e2e / bare, util))
+        rows.append(Row(runtime, "detect-bare", batch, bare, None, None, bare_util))
+    crops_all = np.random.default_rng(0).integers(
+        0, 256, (max(args.embed_batches), 112, 112, 3), dtype=np.uint8
+    )
+    for batch in args.embed_batches:
+        if not clock.allows(3):
+            rows.append(Row(runtime, "embed", batch, note="skipped: time budget"))
+            continue
+        crops = crops_all[:batch]
+        embedder.batch_size = batch
+        calls, elapsed, util = timed(lambda c=crops: embedder.embed(c), args.seconds, sync)
+        bare_calls, bare_elapsed, bare_util = timed(lambda c=crops: bare_embed(c), args.seconds, sync)
+        rate, bare = calls * batch / elapsed, bare_calls * batch / bare_elapsed
+        rows.append(Row(runtime, "embed", batch, None, rate, rate / bare, util))
+        rows.append(Row(runtime, "embed-bare", batch, None, bare, None, bare_util))
+    return rows
+
+
+def ort_rows(provider: str, det_path: Path, rec_path: Path, images, args, clock, work: Path) -> list[Row]:
+    from pipelines.core.config import ModelConfig
+    from pipelines.core.models.insightface_backend import build_detector, build_embedder
+    from pipelines.core.models.onnx_session import PIXELS, SessionOptions
+
+    providers = {"tensorrt": ["tensorrt", "cuda"], "cuda": ["cuda"], "cpu": ["cpu"]}[provider]
+    options = SessionOptions(providers=providers, trt_cache=str(work / "trt"), fp16=True)
+    config = ModelConfig(backend="insightface", det_batch_size=max(args.det_batches), min_face_size=0)
+    detector = build_detector(det_path, options, config)
+    embedder = build_embedder(rec_path, options, max(args.embed_batches))
+
+    def bare(runner):
+        return lambda pixels: runner.session.run(runner.output_names, {PIXELS: pixels})
+
+    runtime = f"ort-{provider}" + ("-fp16" if provider == "tensorrt" else "")
+    return bench_pair(
+        runtime, detector, embedder, bare(detector.runner), bare(embedder.runner), images, args, clock
+    )
+
+
+def torch_rows(det_net, rec_net, device: str, images, args, clock, converted: bool = False) -> list[Row]:
+    from pipelines.core.models.insightface_align import ArcFaceEmbedder
+    from pipelines.core.models.insightface_detect import ScrfdDetector
+
+    fp16 = device.startswith("cuda")
+    det_runner = TorchRunner(det_net, device, 127.5, 128.0, fp16, per_image=converted)
+    rec_runner = TorchRunner(rec_net, device, 127.5, 127.5, fp16)
+    detector = ScrfdDetector(det_runner, 9, (640, 640), 0.5, 0.4, max(args.det_batches))
+    embedder = ArcFaceEmbedder(rec_runner, dim=512, batch_size=max(args.embed_batches))
+
+    def bare(runner):  # the network alone on a batch already on the device
+        cache: dict = {}
+
+        def run(pixels):
+            key = pixels.shape
+            if key not in cache:
+                cache.clear()
+                cache[key] = runner.tensor(pixels)
+            runner.forward(cache[key])
+
+        return run
+
+    runtime = f"torch-{device.split(':')[0]}" + ("-fp16" if fp16 else "")
+    return bench_pair(
+        runtime,
+        detector,
+        embedder,
+        bare(det_runner),
+        bare(rec_runner),
+        images,
+        args,
+        clock,
+        sync=det_runner.sync,
+    )
+
+
+# --- CPU side --------------------------------------------------------------------------------
+
+
+def _two_faces(pixels: np.ndarray) -> np.ndarray:
+    """Landmarks of two plausible faces in an image: what alignment costs per image at 2 faces."""
+    from pipelines.core.models.insightface_align import ARCFACE_TEMPLATE
+
+    h, w = pixels.shape[:2]
+    scale = min(h, w) / 400
+    offsets = ([w * 0.2, h * 0.2], [w * 0.5, h * 0.4])
+    return np.stack([ARCFACE_TEMPLATE * scale + o for o in offsets]).astype(np.float32)
+
+
+def _cpu_work(data: bytes) -> tuple[float, float, float]:
+    """Decode, letterbox and align one image; returns the seconds each stage took, as a triple."""
+    from pipelines.core.decode import decode_image
+    from pipelines.core.models.insightface_align import align
+    from pipelines.core.models.insightface_detect import letterbox
+
+    t0 = time.perf_counter()
+    pixels = decode_image(data, 100_000_000).pixels
+    t1 = time.perf_counter()
+    letterbox([pixels], 640, 640)
+    t2 = time.perf_counter()
+    align([pixels], [_two_faces(pixels)])
+    return (t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+
+def cpu_rows(encoded: list[bytes], args, clock) -> list[Row]:
+    """Decode + letterbox + align of 2 faces per image: each stage in one process, then all of it
+    on every core."""
+    n = len(encoded)
+    stages = np.array([_cpu_work(data) for data in encoded]).sum(axis=0)
+    one = n / stages.sum()
+    rows = [
+        Row("cpu-1-process", f"cpu-{name}", 1, n / t, note="one process")
+        for name, t in zip(("decode", "letterbox", "align2"), stages, strict=True)
+    ]
+    rows.append(Row("cpu-1-process", "cpu-side", 1, one, 2 * one, note="decode+letterbox+align"))
+    if not clock.allows(2):
+        return rows
+    workers = os.cpu_count() or 1
+    repeat = max(1, int(args.seconds * one * workers / n))
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pool.map(_cpu_work, encoded[:workers])  # start-up and imports out of the timing
+        start = time.perf_counter()
+        done = len(pool.map(_cpu_work, encoded * repeat, chunksize=2))
+        rate = done / (time.perf_counter() - start)
+    rows.append(Row(f"cpu-{workers}-processes", "cpu-side", 1, rate, 2 * rate, note="decode+letterbox+align"))
+    return rows
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+
+def load_photos(folder: Path, limit: int, max_side: int) -> tuple[list[np.ndarray], list[bytes], str]:
+    """Decoded and encoded photos (shrunk to ``max_side`` if given); random-noise JPEGs of mixed
+    sizes when the folder is missing."""
+    from PIL import Image, ImageOps
+
+    from pipelines.core.decode import decode_image
+
+    files = sorted(folder.glob("*.jpg"))[:limit] if folder.is_dir() else []
+    if files:
+        encoded = [_shrink(p.read_bytes(), max_side, Image, ImageOps) for p in files]
+        source = f"{len(files)} photos from {folder.name}" + (
+            f", longest side {max_side}" if max_side else ""
+        )
+    else:
+        rng = np.random.default_rng(0)
+        encoded = []
+        for _ in range(min(limit, 32)):
+            h, w = (int(v) for v in rng.integers(400, 2000, 2))
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
+            encoded.append(buffer.getvalue())
+        source = f"{len(encoded)} synthetic noise JPEGs ({folder} missing)"
+    return [decode_image(d, 100_000_000).pixels for d in encoded], encoded, source
+
+
+def _shrink(data: bytes, max_side: int, Image, ImageOps) -> bytes:
+    if not max_side:
+        return data
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def convert_pack(det_path: Path, rec_path: Path, report: dict):
+    """The real pack's graphs as torch modules (onnx2torch, carried as a wheel); None, None without it."""
+    try:
+        import onnx
+        from onnx2torch import convert
+    except ImportError:
+        report["notes"].append("onnx2torch missing: the real pack cannot run in torch (carry its wheel)")
+        return None, None
+    return convert(onnx.load(str(det_path))).eval(), convert(onnx.load(str(rec_path))).eval()
+
+
+def find_pack(folder: Path) -> tuple[Path, Path]:
+    from pipelines.core.models.insightface_backend import find_models
+
+    return find_models(folder)
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def table(rows: list[Row]) -> str:
+    def num(v, digits=0):
+        return "-" if v is None else f"{v:,.{digits}f}"
+
+    lines = [
+        f"{'runtime':<22} {'stage':<14} {'batch':>5} {'images/s':>10} {'faces/s':>10} {'x bare':>7} "
+        f"{'GPU %':>6}  note"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.runtime:<22} {r.stage:<14} {r.batch:>5} {num(r.images_s):>10} {num(r.faces_s):>10} "
+            f"{num(r.ratio_to_bare, 2):>7} {num(r.gpu_util):>6}  {r.note}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pack", type=Path, help="a folder with the real pack's .onnx files")
+    ap.add_argument("--photos", type=Path, default=PHOTOS)
+    ap.add_argument("--max-side", type=int, default=0, help="shrink the photos to this longest side first")
+    ap.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds; later measurements are skipped")
+    ap.add_argument("--det-batches", default="16,32,64")
+    ap.add_argument("--embed-batches", default="64,128,256")
+    ap.add_argument("--out", type=Path, default=REPO / ".bench" / "gpu.json")
+    ap.add_argument("--wheels", help="folder of wheels to install missing dependencies from")
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU, to check the script")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        args.seconds, args.det_batches, args.embed_batches = 0.5, "2", "4"
+    args.det_batches = [int(b) for b in args.det_batches.split(",")]
+    args.embed_batches = [int(b) for b in args.embed_batches.split(",")]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    clock = Clock(args.budget, args.seconds)
+    report: dict = {
+        "missing": preflight(args.wheels),
+        "env": environment(),
+        "gpu_run": False,
+        "rows": [],
+        "notes": [],
+    }
+    env = report["env"]
+    report["gpu_run"] = bool(env.get("cuda"))
+    if not report["gpu_run"]:
+        report["notes"].append("no CUDA device: CPU figures only, not the GPU benchmark")
+    images, encoded, source = load_photos(args.photos, 8 if args.dry_run else 64, args.max_side)
+    report["notes"].append(f"inputs: {source}")
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        det_path = rec_path = None
+        det_net = rec_net = None
+        if args.pack:
+            det_path, rec_path = find_pack(args.pack)
+            report["notes"].append(f"graphs: real pack {args.pack.name} ({det_path.name}, {rec_path.name})")
+            gpu_ort = {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(env["ort_providers"])
+            if env.get("cuda") and not gpu_ort:
+                det_net, rec_net = convert_pack(det_path, rec_path, report)
+        elif env.get("torch"):
+            det_net, rec_net = torch_networks()
+            report["gmacs_per_image"] = {
+                "detector_640": round(count_gmacs(det_net, (3, 640, 640)), 2),
+                "embedder_112": round(count_gmacs(rec_net, (3, 112, 112)), 2),
+            }
+            det_path, rec_path = work / "det.onnx", work / "rec.onnx"
+            for net, path, shape, n in (
+                (det_net, det_path, (3, 640, 640), 9),
+                (rec_net, rec_path, (3, 112, 112), 1),
+            ):
+                error = export_onnx(net, shape, path, n)
+                if error:
+                    report["notes"].append(f"ONNX export of {path.name} failed: {error}")
+                    det_path = rec_path = None
+            report["notes"].append("graphs: SCRFD-10G- and IResNet-50-shaped, random weights (torch)")
+        gpu_providers = [
+            p
+            for p, name in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider"))
+            if name in env.get("ort_providers", [])
+        ]
+        if args.dry_run:
+            gpu_providers = ["cpu"]
+        for provider in gpu_providers if det_path else []:
+            try:
+                rows += ort_rows(provider, det_path, rec_path, images, args, clock, work)
+            except Exception as exc:  # noqa: BLE001 - one runtime failing must not lose the others' figures
+                report["notes"].append(f"ort-{provider} failed: {type(exc).__name__}: {str(exc)[:300]}")
+        torch_device = "cuda" if env.get("cuda") else ("cpu" if args.dry_run else None)
+        if torch_device and det_net is not None and (not gpu_providers or gpu_providers == ["cpu"]):
+            try:
+                rows += torch_rows(det_net, rec_net, torch_device, images, args, clock, bool(args.pack))
+            except Exception as exc:  # noqa: BLE001
+                report["notes"].append(f"torch-{torch_device} failed: {type(exc).__name__}: {str(exc)[:300]}")
+    rows += cpu_rows(encoded, args, clock)
+    report["rows"] = [asdict(r) for r in rows]
+    report["seconds"] = round(time.monotonic() - clock.start, 1)
+    print(
+        f"device: {env.get('device')}  date: {env['date']}  torch {env.get('torch')}  "
+        f"onnxruntime {env.get('onnxruntime')} {env.get('ort_providers')}"
+    )
+    print(table(rows))
+    for note in report["notes"]:
+        print("note:", note)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out} in {report['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
