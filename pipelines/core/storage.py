@@ -2,11 +2,14 @@
 
 Stages and engines call these functions with URIs and never ask which file system is behind
 them. Every committed object is written whole to a temporary name first and then committed in one
-step, so a reader never sees half a file.
+step, so a reader never sees half a file. ``gs://`` goes to ``gcs.py``: there the commit is one
+conditional upload (see docs/gcs.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import uuid
@@ -16,13 +19,28 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 TMP_MARK = ".tmp-"
+GCS_SCHEMES = ("gs://", "gcs://")
+ABSENT = "absent"  # the version token of a local object that does not exist
 
 
 class AlreadyExists(FileExistsError):
     """A create-only write found the object already there."""
 
 
+class Conflict(Exception):
+    """A conditional write found the object changed since it was read (compare-and-swap lost)."""
+
+
+def is_gcs(uri: str) -> bool:
+    return uri.startswith(GCS_SCHEMES)
+
+
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    if is_gcs(uri):
+        from . import gcs  # imported here: gs:// needs the optional "gcs" extra
+
+        fs = gcs.filesystem()
+        return fs, fs._strip_protocol(uri)
     fs, path = fsspec.core.url_to_fs(uri)
     return fs, path
 
@@ -74,6 +92,22 @@ def sha256_file(uri: str, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def download(uri: str, path: str, chunk: int = 1 << 22) -> None:
+    """Copy ``uri`` to the local ``path`` in chunks (bounded memory); ``path`` appears only whole."""
+    fs, remote = url_to_fs(uri)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}{TMP_MARK}{uuid.uuid4().hex}")
+    try:
+        with fs.open(remote, "rb") as src, open(tmp, "wb") as dst:
+            while block := src.read(chunk):
+                dst.write(block)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def remove(uri: str) -> None:
     fs, path = url_to_fs(uri)
     if fs.exists(path):
@@ -84,8 +118,15 @@ def write_atomic(uri: str, data: bytes, create_only: bool = False) -> None:
     """Write ``data`` to ``uri`` so that readers see either nothing or all of it.
 
     Locally: write a temporary file in the same folder, fsync, then rename (or hard-link for a
-    create-only write, which fails if ``uri`` exists). Elsewhere: one whole-object upload.
+    create-only write, which fails if ``uri`` exists). On GCS: one upload conditioned on the
+    object being absent, or (not ``create_only``) on the generation found there, so concurrent
+    writers raise Conflict instead of clobbering. Elsewhere: one whole-object upload.
     """
+    if is_gcs(uri):
+        from . import gcs
+
+        gcs.write_atomic(uri, data, create_only)
+        return
     fs, path = url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
         _write_local(path, data, create_only)
@@ -123,6 +164,68 @@ def _fsync_dir(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_versioned(uri: str) -> tuple[bytes | None, str]:
+    """(content or None when absent, version token) for a later ``write_if_unchanged``."""
+    if is_gcs(uri):
+        from . import gcs
+
+        return gcs.read_versioned(uri)
+    path = _local_path(uri)
+    data = _read_or_none(path)
+    return data, _local_token(data)
+
+
+def write_if_unchanged(uri: str, data: bytes, token: str) -> str:
+    """Replace (or create) ``uri`` only if it is still the version ``token`` names; else Conflict.
+
+    Returns the new token. On GCS the token is the generation (``ifGenerationMatch``); locally it
+    is the content's sha256, compared and replaced under an exclusive lock on the folder, so it
+    holds against other ``write_if_unchanged`` callers on the same host.
+    """
+    if is_gcs(uri):
+        from . import gcs
+
+        return gcs.write_if_unchanged(uri, data, token)
+    path = _local_path(uri)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    with _folder_lock(folder):
+        if _local_token(_read_or_none(path)) != token:
+            raise Conflict(f"{uri} changed since it was read")
+        _write_local(path, data, create_only=False)
+    return _local_token(data)
+
+
+def _local_path(uri: str) -> str:
+    fs, path = url_to_fs(uri)
+    if not isinstance(fs, LocalFileSystem):
+        raise ValueError(f"compare-and-swap is implemented for local paths and gs:// only, not {uri}")
+    return path
+
+
+def _read_or_none(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _local_token(data: bytes | None) -> str:
+    return ABSENT if data is None else hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str) -> Iterator[None]:
+    """flock on the folder itself: no lock file to leave behind, released if the process dies."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def remove_tmp_files(uri: str) -> int:

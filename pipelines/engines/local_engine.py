@@ -196,8 +196,9 @@ class LocalRun:
         self.tally.check_systemic()
         self.bar.update(1)
         elapsed = self.bar.format_dict["elapsed"] or 1e-9
+        tally = self.tally
         self.bar.set_postfix_str(
-            f"faces={self.tally.faces} ({self.tally.faces / elapsed:.1f}/s) errors={self.tally.status['error']}",
+            f"faces={tally.faces} ({tally.faces / elapsed:.1f}/s) errors={tally.status['error']}",
             refresh=False,
         )
 
