@@ -82,7 +82,7 @@ def fetch_pack(uri: str, cache: Path) -> Path:
     for name in names:
         target = folder / name
         if not target.exists():  # a stale or tampered copy is caught by the sha256 check after
-            storage.write_atomic(str(target), storage.read_bytes(storage.join(uri, name)))
+            storage.download(storage.join(uri, name), str(target))  # streamed: packs are large
     return folder
 
 
