@@ -17,8 +17,14 @@ app = typer.Typer(
     help="faceaudit: find out whether a face is in openly shared face data sets.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_completion=False,
 )
 console = Console(stderr=True)
+
+
+@app.callback()
+def _group() -> None:
+    """faceaudit: find out whether a face is in openly shared face data sets."""
 
 
 def _dataset_flag(value: str) -> DatasetSpec:
@@ -44,8 +50,10 @@ def _build_job(config: Path | None, datasets: list[str], overrides: dict) -> Job
     return validate_job(raw)
 
 
-@app.command()
+# Arguments the command does not know are Beam pipeline options (--runner=DataflowRunner ...).
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ingest(
+    ctx: typer.Context,
     config: Annotated[Path | None, typer.Option(help="job YAML (configs/jobs/<job>.yaml)")] = None,
     dataset: Annotated[
         list[str] | None,
@@ -65,8 +73,14 @@ def ingest(
         int | None, typer.Option(help="detect on a copy downscaled to this longest side (0: full size)")
     ] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--engine ray: the cluster to join (default: RAY_ADDRESS, else local)")
+    ] = None,
 ) -> None:
-    """Ingest data sets: decode, detect, embed, and write Parquet shards of faces and images."""
+    """Ingest data sets: decode, detect, embed, and write Parquet shards of faces and images.
+
+    With --engine beam, any further arguments are Beam pipeline options, e.g.
+    --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp."""
     overrides = dict(
         out=out,
         engine=engine,
@@ -79,14 +93,24 @@ def ingest(
     )
     with _fatal_errors():
         job = _build_job(config, dataset or [], overrides)
-        summary = _run(job)
+        if ray_address:
+            job = job.model_copy(update={"ray": job.ray.model_copy(update={"address": ray_address})})
+        summary = _run(job, ctx.args)
     print_run_summary(summary.manifest, summary.uri, summary.seconds, summary.resumed_units)
     typer.echo(summary.run_id)
 
 
-def _run(job: JobConfig):
-    if job.engine != "local":
-        raise FatalError(f"engine {job.engine!r} is not available yet; use --engine local")
+def _run(job: JobConfig, beam_args: list[str]):
+    if beam_args and job.engine != "beam":
+        raise FatalError(f"unknown arguments {beam_args} (pipeline options are for --engine beam)")
+    if job.engine == "ray":
+        from .engines import ray_engine
+
+        return ray_engine.run_job(job)
+    if job.engine == "beam":
+        from .engines import beam_engine
+
+        return beam_engine.run_job(job, beam_args)
     from .engines.local_engine import run_job
 
     return run_job(job)

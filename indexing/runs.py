@@ -1,0 +1,160 @@
+"""Committed ingest runs as the index build sees them: manifests, faces shards, occurrences.
+
+Only runs with a committed ``_manifest.json`` are read, and every shard is checked against the
+sha256 that manifest lists before pyarrow reads it. Shards are read in record batches so that a
+build never needs a whole table in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.core import storage
+from pipelines.core.errors import ConfigError, FatalError
+
+RUN_FORMAT = "faceaudit.run/1"
+MANIFEST = "_manifest.json"
+BATCH_ROWS = 65_536
+META_COLUMNS = ["face_id", "image_sha256", "dataset", "source_uri", "face_index", "bbox", "det_score"]
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    uri: str
+    sha256: str
+    rows: int
+
+
+@dataclass(slots=True)
+class Run:
+    """One committed run: its folder, parsed manifest and the manifest's own digest."""
+
+    uri: str
+    manifest: dict
+    manifest_sha256: str
+    faces: list[Shard] = field(default_factory=list)
+    images: list[Shard] = field(default_factory=list)
+
+    @property
+    def run_id(self) -> str:
+        return str(self.manifest["run_id"])
+
+
+def find_runs(uris: list[str]) -> list[Run]:
+    """Every committed run named by ``uris``: run folders, or ``<out>`` roots holding ``runs/``."""
+    folders: list[str] = []
+    for uri in uris:
+        folders.extend(_run_folders(uri))
+    runs = [load_run(f) for f in dict.fromkeys(folders)]
+    if not runs:
+        raise ConfigError(f"no committed run (a folder with {MANIFEST}) under {', '.join(uris)}")
+    return sorted(runs, key=lambda r: (r.run_id, r.uri))
+
+
+def _run_folders(uri: str) -> list[str]:
+    uri = uri.rstrip("/")
+    if storage.exists(storage.join(uri, MANIFEST)):
+        return [uri]
+    parent = storage.join(uri, "runs") if storage.exists(storage.join(uri, "runs")) else uri
+    return [
+        storage.join(parent, name)
+        for name in storage.listdir(parent)
+        if storage.exists(storage.join(parent, name, MANIFEST))
+    ]
+
+
+def load_run(folder: str) -> Run:
+    raw = storage.read_bytes(storage.join(folder, MANIFEST))
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise FatalError(f"{storage.join(folder, MANIFEST)} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != RUN_FORMAT:
+        raise FatalError(f"{folder}: run format {manifest.get('format')!r}, expected {RUN_FORMAT!r}")
+    run = Run(folder, manifest, hashlib.sha256(raw).hexdigest())
+    for entry in manifest.get("shards", []):
+        shard = Shard(storage.join(folder, entry["file"]), entry["sha256"], int(entry["rows"]))
+        (run.faces if entry["table"] == "faces" else run.images).append(shard)
+    run.faces.sort(key=lambda s: s.uri)
+    run.images.sort(key=lambda s: s.uri)
+    return run
+
+
+def check_same_model(runs: list[Run]) -> tuple[str, int]:
+    """The one (model_id, dim) of all runs; vectors of different models never share an index."""
+    pairs = {(r.manifest["model_id"], int(r.manifest["dim"])) for r in runs}
+    if len(pairs) != 1:
+        listing = "; ".join(f"{r.run_id}: {r.manifest['model_id']} dim {r.manifest['dim']}" for r in runs)
+        raise ConfigError(f"the runs mix models or dims and cannot share one index ({listing})")
+    return next(iter(pairs))
+
+
+def verify_shard(shard: Shard) -> None:
+    actual = storage.sha256_file(shard.uri)
+    if actual != shard.sha256:
+        raise FatalError(f"{shard.uri}: sha256 {actual} does not match its run manifest ({shard.sha256})")
+
+
+def iter_batches(shard: Shard, columns: list[str], batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    fs, path = storage.url_to_fs(shard.uri)
+    with fs.open(path, "rb") as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def embeddings(batch: pa.RecordBatch, dim: int) -> np.ndarray:
+    """The ``embedding`` column as a C-contiguous float32 [rows, dim] array."""
+    col = batch.column(batch.schema.get_field_index("embedding"))
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(values.reshape(-1, dim), dtype=np.float32)
+
+
+def check_batch_model(batch: pa.RecordBatch, model_id: str, shard: Shard) -> None:
+    """A faces row whose model_id differs from its run's is a corrupt input, not a skip."""
+    col = batch.column(batch.schema.get_field_index("model_id"))
+    others = pc.unique(pc.filter(col, pc.not_equal(col, model_id)))
+    if len(others):
+        raise ConfigError(f"{shard.uri} holds faces of model {others[0].as_py()!r}, expected {model_id!r}")
+
+
+def occurrences_for(runs: list[Run], shas: pa.Array) -> pa.Table:
+    """Distinct (image_sha256, dataset, source_uri) over the ``images`` tables of every run, sorted.
+
+    Scans the images shards once, keeping only rows whose sha is in ``shas``, so memory is bounded
+    by the faces being written, not by the size of the images tables.
+    """
+    wanted = pa.array(shas, pa.string())
+    columns = ["image_sha256", "dataset", "source_uri"]
+    parts = [pa.table({c: pa.array([], pa.string()) for c in columns})]
+    for run in runs:
+        for shard in run.images:
+            for batch in iter_batches(shard, columns):
+                keep = pc.is_in(batch.column(0), value_set=wanted)
+                parts.append(pa.Table.from_batches([batch]).filter(keep))
+    found = pa.concat_tables(parts).group_by(columns, use_threads=False).aggregate([])
+    return found.sort_by([(c, "ascending") for c in columns])
+
+
+def dataset_versions(runs: list[Run]) -> list[dict]:
+    """Distinct (name, version) of the data sets the runs ingested, sorted."""
+    seen = {(d["name"], str(d.get("version", ""))) for r in runs for d in r.manifest.get("datasets", [])}
+    return [{"name": n, "version": v} for n, v in sorted(seen)]
+
+
+def image_counts(runs: list[Run]) -> dict[str, int]:
+    """Occurrence rows per data set over the images tables (every status)."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        for shard in run.images:
+            for batch in iter_batches(shard, ["dataset"]):
+                vc = pc.value_counts(batch.column(0)).to_pylist()
+                for item in vc:
+                    counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return dict(sorted(counts.items()))
