@@ -81,11 +81,12 @@ def careful_loop(paths: list[Path], config: ModelConfig) -> tuple[int, int, floa
 def naive_loop(paths: list[Path]) -> tuple[int, int, float]:
     """face_recognition.load_image_file + face_locations + face_encodings, written with dlib."""
     import dlib
-    import face_recognition_models as weights
+
+    from pipelines.core.models.dlib_backend import weight_file
 
     detector = dlib.get_frontal_face_detector()
-    landmarks = dlib.shape_predictor(weights.pose_predictor_five_point_model_location())
-    encoder = dlib.face_recognition_model_v1(weights.face_recognition_model_location())
+    landmarks = dlib.shape_predictor(weight_file("shape_predictor_5_face_landmarks.dat"))
+    encoder = dlib.face_recognition_model_v1(weight_file("dlib_face_recognition_resnet_model_v1.dat"))
     started = time.perf_counter()
     faces = 0
     for path in paths:

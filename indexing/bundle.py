@@ -102,8 +102,26 @@ def publish(staging: str, out: str, version: str, body: dict) -> str:
         for entry in bundle_files(body):
             fs.put_file(os.path.join(staging, entry["file"]), f"{path}/{entry['file']}")
     storage.write_atomic(storage.join(folder, MANIFEST), seal(body), create_only=True)
-    storage.write_atomic(storage.join(out, CURRENT), (version + "\n").encode())
+    move_current(out, version)
     return folder
+
+
+def move_current(out: str, version: str) -> bool:
+    """Point CURRENT at ``version`` unless a newer version was published meanwhile.
+
+    A compare-and-swap (a generation precondition on GCS), so two builds finishing together can
+    never move CURRENT back to the older one. Version names sort by creation time.
+    """
+    uri = storage.join(out, CURRENT)
+    while True:
+        data, token = storage.read_versioned(uri)
+        if data is not None and data.decode().strip() >= version:
+            return False
+        try:
+            storage.write_if_unchanged(uri, (version + "\n").encode(), token)
+            return True
+        except storage.Conflict:
+            continue  # another build moved it between our read and write: look again
 
 
 def local_copy(folder: str, manifest: dict, cache_dir: str) -> str:

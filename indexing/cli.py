@@ -178,10 +178,11 @@ def print_report(report: dict) -> None:
             line = (f"{photo['photo']} face {face['face_index']} at ({box}): this face appears in "
                     f"{face['images']} image(s) of {len(face['datasets'])} data set(s){more}")
             out.print(line, soft_wrap=True)
-            table = Table("score", "data set", "source", "box", "det score")
+            table = Table("score", "data set", "box", "det score")
+            table.add_column("source", overflow="fold")  # the full URI, folded: people need all of it
             for m in face["matches"]:
                 for o in m["occurrences"]:
-                    table.add_row(f"{m['score']:.3f}", o["dataset"], o["source_uri"],
-                                  ", ".join(f"{v:.0f}" for v in m["bbox"]), f"{m['det_score']:.2f}")
+                    table.add_row(f"{m['score']:.3f}", o["dataset"], ", ".join(f"{v:.0f}" for v in m["bbox"]),
+                                  f"{m['det_score']:.2f}", o["source_uri"])
             if face["matches"]:
                 out.print(table)

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     datasets = make_datasets(work)
     job = JobConfig(
         datasets=[DatasetSpec(name=name, source=str(path)) for name, path in datasets.items()],
-        out=str(work / "runs"),
+        out=str(work),
         images_per_shard=8,
     )
     from .cli import print_run_summary
@@ -76,9 +76,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _index_and_search(run: str, work: Path, variants: Path) -> None:
-    from indexing.demo import build_and_search
+    """Build an index of the run and look for the people of two altered photos in it."""
+    from indexing import open_index
+    from indexing.build import build_index
+    from indexing.cli import info_lines, print_report, search_photos
 
-    build_and_search(run, str(work / "index"), sorted(variants.glob("*-mirror.jpg"))[:1])
+    result = build_index([run], str(work / "index"))
+    print("\nindex " + result.folder)
+    for line in info_lines(result.manifest):
+        print("  " + line)
+    queries = [variants / "t1-mirror.jpg", variants / "Tom_Hanks_54745-crop.jpg"]
+    print(f"\nsearch: {', '.join(q.name for q in queries)}")
+    print_report(search_photos(open_index(str(work / "index")), queries, k=10, threshold=None, nprobe=None))
 
 
 if __name__ == "__main__":

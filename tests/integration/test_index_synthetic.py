@@ -198,3 +198,18 @@ def test_recall_reaches_target_at_stored_nprobe(tmp_path):
                      for i in range(100_000)])
     recall = np.mean([len(np.intersect1d(f, keys[t])) / 10 for f, t in zip(found, truth, strict=True)])
     assert recall >= m["recall"]["target"] == 0.95
+
+
+def test_current_never_moves_back_to_an_older_version(tmp_path):
+    import threading
+
+    from indexing.bundle import CURRENT, move_current
+
+    versions = [f"20261126T1100{i:02d}Z-{i:04x}" for i in range(12)]
+    threads = [threading.Thread(target=move_current, args=(str(tmp_path), v)) for v in reversed(versions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (tmp_path / CURRENT).read_text().strip() == versions[-1]
+    assert move_current(str(tmp_path), versions[0]) is False

@@ -8,7 +8,9 @@ small detection copies cost little accuracy. Landmarks are dlib's 5 points in dl
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +25,18 @@ from .base import FaceModel, model_id_for
 DLIB_MATCH_THRESHOLD = 0.925
 
 
+def weight_file(name: str) -> str:
+    """A weight file of the face-recognition-models package, found without importing it (its
+    __init__ needs pkg_resources, which new setuptools releases drop)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FatalError("dlib's weights are missing: pip install face-recognition-models")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / name
+    if not path.is_file():
+        raise FatalError(f"dlib weight file {name} is missing from face-recognition-models ({path})")
+    return str(path)
+
+
 class DlibModel(FaceModel):
     dim = 128
     match_threshold = DLIB_MATCH_THRESHOLD
@@ -31,19 +45,16 @@ class DlibModel(FaceModel):
         super().__init__(config)
         try:
             import dlib
-            import face_recognition_models as weights
         except ImportError as exc:
-            raise FatalError(
-                "the dlib backend needs dlib and its weights: "
-                f"pip install dlib-bin face-recognition-models ({exc})"
-            ) from exc
+            raise FatalError(f"the dlib backend needs dlib: pip install dlib-bin ({exc})") from exc
         self._dlib = dlib
         if config.detector == "cnn":
-            self._cnn = dlib.cnn_face_detection_model_v1(weights.cnn_face_detector_model_location())
+            self._cnn = dlib.cnn_face_detection_model_v1(weight_file("mmod_human_face_detector.dat"))
         else:
             self._hog = dlib.get_frontal_face_detector()
-        self._landmarks = dlib.shape_predictor(weights.pose_predictor_five_point_model_location())
-        self._encoder = dlib.face_recognition_model_v1(weights.face_recognition_model_location())
+        self._landmarks = dlib.shape_predictor(weight_file("shape_predictor_5_face_landmarks.dat"))
+        encoder_file = weight_file("dlib_face_recognition_resnet_model_v1.dat")
+        self._encoder = dlib.face_recognition_model_v1(encoder_file)
         self.model_id = model_id_for(config)
 
     def analyze(self, images: Sequence[DecodedImage]) -> list[list[Face]]:
