@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench-ingest bench-index clean
+.PHONY: install demo test lint bench-ingest bench-index bench-engines clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench-ingest: install
 
 bench-index: install
 	$(BIN)/python bench/index.py
+
+bench-engines: install
+	$(BIN)/python bench/engines.py
 
 clean:
 	rm -rf demo .bench runs-out

@@ -1,0 +1,288 @@
+"""The Beam engine: the core's stages as an Apache Beam pipeline (DirectRunner, Dataflow, Flink, Spark).
+
+    pending units -> Reshuffle -> Read (hash; unreadable records to a dead-letter output)
+      -> key by sha256, group: the owner is the least (unit in plan, position) (core.dedup)
+      -> RunInference(FaceModelHandler: load_model once per worker, analyze_batch per batch)
+      -> fan the result out to every occurrence -> group by unit
+      -> Commit (faces then images shard, each a temporary file renamed into place)
+      -> Finish (the manifest, once every unit is committed)
+
+A bad record is a row (analyze_batch never raises for one), so it never fails a bundle; a model
+that will not load or every record failing fails the job, and no manifest is written. Bundles
+may be replayed: commits are whole-file renames of identical content and the manifest is
+create-only, so replays change nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..core import storage
+from ..core.config import DecodeConfig, HttpConfig, JobConfig, ModelConfig
+from ..core.dedup import (
+    Occurrence,
+    PlannedUnit,
+    committed_results,
+    merge_tallies,
+    ordinal_of,
+    plan_order,
+    position_of,
+    read_occurrences,
+    without_faces,
+)
+from ..core.errors import FatalError
+from ..core.models import FaceModel, load_model
+from ..core.records import ImageResult, RawImage, WorkUnit
+from ..core.run import RunState, Tally, UnitBuffer, finish_run, is_committed, new_run_id, plan_run, run_uri
+from ..core.stages import analyze_batch, read_error_result
+from ..core.storage import AlreadyExists
+from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require
+from .local_engine import RunSummary
+
+log = logging.getLogger(__name__)
+
+# Without the beam extra, importing this module fails with the pip install that fixes it.
+beam = require("apache_beam", "beam")
+inference = require("apache_beam.ml.inference.base", "beam")
+
+PLAN = "_beam-plan.jsonl"  # the run's units, one JSON line each, read by the pipeline
+UNREADABLE = "unreadable"  # dead letters of the read step: occurrences whose bytes could not be read
+UNITS = "units"  # one marker per unit, so that a unit with no readable image still commits
+KNOWN = "known"  # occurrences whose owner was committed by an earlier attempt of the run
+
+
+@dataclass(slots=True)
+class Committed:
+    """An occurrence committed by an earlier attempt: its order and result (without faces)."""
+
+    order: int
+    result: ImageResult
+
+
+@dataclass(slots=True)
+class UnitRow:
+    """One occurrence's row on its way to its unit's commit."""
+
+    position: int
+    raw: RawImage  # without bytes
+    result: ImageResult
+    owner: bool
+
+
+def run_job(job: JobConfig, pipeline_args: Sequence[str] = ()) -> RunSummary:
+    """Run (or resume) an ingest job as a Beam pipeline; returns the committed run's manifest.
+
+    ``pipeline_args`` are Beam pipeline options (``--runner=DataflowRunner --project=...``),
+    appended to ``job.beam.options``; without a runner, the DirectRunner runs it here.
+    """
+    started = dt.datetime.now(dt.timezone.utc)
+    run_id = job.run_id or new_run_id()
+    uri = run_uri(job.out, run_id)
+    if not is_committed(uri):
+        state = plan_run(job, run_id)
+        plan = write_plan(uri, plan_order(job, state))
+        args = [*job.beam.options, *pipeline_args]
+        _run_pipeline(job, run_id, plan, started, args)
+        if not is_committed(uri):  # a runner that returns before the job ends (a launched template)
+            log.warning("run %s was submitted; its manifest is written when the job ends", run_id)
+            return RunSummary(run_id, uri, {"run_id": run_id, "counts": {}, "engine": "beam"})
+        storage.remove(plan)
+        elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+        return RunSummary(run_id, uri, _manifest(uri), len(state.done), elapsed)
+    return RunSummary(run_id, uri, _manifest(uri))
+
+
+def write_plan(run: str, units: list[PlannedUnit]) -> str:
+    """The units go to the workers through a file, not inside the pipeline graph: a plan of
+    millions of images would outgrow a runner's graph size limit (Dataflow's is 10 MB)."""
+    lines = [json.dumps({"ordinal": p.ordinal, "done": p.done, **asdict(p.unit)}) for p in units]
+    uri = storage.join(run, PLAN)
+    storage.write_atomic(uri, "\n".join(lines).encode() + b"\n")
+    return uri
+
+
+def _planned(line: str) -> PlannedUnit:
+    fields = json.loads(line)
+    ordinal, done = fields.pop("ordinal"), fields.pop("done")
+    fields["items"] = tuple(fields["items"])
+    return PlannedUnit(WorkUnit(**fields), ordinal, done)
+
+
+def _manifest(uri: str) -> dict:
+    return json.loads(storage.read_text(storage.join(uri, "_manifest.json")))
+
+
+def _run_pipeline(job: JobConfig, run_id: str, plan: str, started: dt.datetime, args: list[str]) -> None:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(args)
+    try:
+        with beam.Pipeline(options=options) as p:
+            build_pipeline(p, job, run_id, plan, started)
+    except FatalError:
+        raise
+    except Exception as exc:  # runners wrap worker errors; surface ours by its message
+        fatal = _fatal_in(exc)
+        if fatal is None:
+            raise
+        raise FatalError(fatal) from None
+
+
+def _fatal_in(exc: BaseException) -> str | None:
+    """The message of a FatalError raised on a worker, found in the runner's wrapped error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, FatalError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    for name in ("ConfigError: ", "FatalError: "):
+        if name in text:
+            return text.split(name, 1)[1].splitlines()[0]
+    return None
+
+
+def build_pipeline(p, job: JobConfig, run_id: str, plan: str, started: dt.datetime) -> None:
+    run = run_uri(job.out, run_id)
+    info = beam.pvalue.AsSingleton(
+        p | "Model" >> beam.Create([job.model]) | "Describe" >> beam.Map(describe_model)
+    )
+    units = p | "Plan" >> beam.io.ReadFromText(plan) | "Parse" >> beam.Map(_planned)
+    reads = (
+        units
+        | "Pending" >> beam.Filter(lambda u: not u.done)
+        | "Spread" >> beam.Reshuffle()
+        | "Read" >> beam.ParDo(ReadUnit(job.http)).with_outputs(UNREADABLE, UNITS, main="images")
+    )
+    committed = units | "Done" >> beam.Filter(lambda u: u.done) | "Committed" >> beam.FlatMap(_committed, run)
+    owners = (
+        (reads.images, committed)
+        | "All images" >> beam.Flatten()
+        | "By image" >> beam.GroupByKey()
+        | "Owners" >> beam.ParDo(PickOwner()).with_outputs(KNOWN, main="todo")
+    )
+    handler = FaceModelHandler(job.model, job.decode, default_batch_size(job.model, job.beam.max_batch_size))
+    analysed = (
+        owners.todo
+        | "Analyse" >> inference.RunInference(inference.KeyedModelHandler(handler))
+        | "Fan out" >> beam.FlatMap(_fan_out)
+    )
+    tallies = (
+        (analysed, owners[KNOWN], reads[UNREADABLE], reads[UNITS])
+        | "All rows" >> beam.Flatten()
+        | "By unit" >> beam.GroupByKey()
+        | "Commit" >> beam.ParDo(CommitUnit(run, run_id), info)
+    )
+    _ = (
+        tallies
+        | "Count" >> beam.CombineGlobally(merge_tallies)
+        | "Finish" >> beam.Map(_finish, info, run, manifest_args=(job, run_id, started))
+    )
+
+
+class ReadUnit(beam.DoFn):
+    """Read and hash one unit: (sha, occurrence with bytes), and dead letters for unreadable ones."""
+
+    def __init__(self, http: HttpConfig):
+        self.http = http
+
+    def process(self, planned: PlannedUnit) -> Iterator[Any]:
+        yield beam.pvalue.TaggedOutput(UNITS, (planned.ordinal, planned))
+        for occ in read_occurrences(planned, self.http):
+            if occ.sha is None:
+                row = UnitRow(position_of(occ.order), occ.raw, read_error_result(occ.raw), owner=False)
+                yield beam.pvalue.TaggedOutput(UNREADABLE, (planned.ordinal, row))
+            else:
+                yield occ.sha, occ
+
+
+def _committed(planned: PlannedUnit, run: str) -> Iterator[tuple[str, Committed]]:
+    for order, sha, result in committed_results(run, planned):
+        yield sha, Committed(order, result)
+
+
+class PickOwner(beam.DoFn):
+    """All occurrences of one image -> its owner's bytes to analyse, keyed by the occurrences
+    that will share the result; or, when an earlier attempt committed the owner, the rows."""
+
+    def process(self, element: tuple[str, Iterable[Occurrence | Committed]]) -> Iterator[Any]:
+        _, items = element
+        ordered = sorted(items, key=lambda item: item.order)
+        owner, pending = ordered[0], [i for i in ordered if isinstance(i, Occurrence)]
+        if isinstance(owner, Committed):
+            for occ in pending:
+                row = UnitRow(position_of(occ.order), occ.raw, owner.result, owner=False)
+                yield beam.pvalue.TaggedOutput(KNOWN, (ordinal_of(occ.order), row))
+            return
+        data = owner.raw.data
+        yield [occ.drop_bytes() for occ in pending], data
+
+
+def _fan_out(element: tuple[list[Occurrence], ImageResult]) -> Iterator[tuple[int, UnitRow]]:
+    """The owner (first) gets the faces; every other occurrence the result without them."""
+    occurrences, result = element
+    slim = without_faces(result)
+    for i, occ in enumerate(occurrences):
+        row = UnitRow(position_of(occ.order), occ.raw, result if i == 0 else slim, owner=i == 0)
+        yield ordinal_of(occ.order), row
+
+
+class FaceModelHandler(inference.ModelHandler):
+    """RunInference's view of the model interface: load_model once per worker, then
+    analyze_batch (decode, detect, embed; a bad image becomes an error result) per batch."""
+
+    def __init__(self, model: ModelConfig, decode: DecodeConfig, max_batch_size: int):
+        super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
+        self.model_config, self.decode = model, decode
+
+    def load_model(self) -> FaceModel:
+        return load_model(self.model_config)
+
+    def run_inference(
+        self, batch: Sequence[bytes], model: FaceModel, inference_args: dict | None = None
+    ) -> Iterable[ImageResult]:
+        return analyze_batch(batch, model, self.decode)
+
+    def get_num_bytes(self, batch: Sequence[bytes]) -> int:
+        return sum(len(data) for data in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "faceaudit"
+
+
+class CommitUnit(beam.DoFn):
+    """A unit's rows in position order -> its faces then images shard; yields the unit's counts."""
+
+    def __init__(self, run: str, run_id: str):
+        self.run, self.run_id = run, run_id
+
+    def process(self, element: tuple[int, Iterable[Any]], info: ModelInfo) -> Iterator[Tally]:
+        items = list(element[1])
+        planned = next(i for i in items if isinstance(i, PlannedUnit))
+        rows = sorted((i for i in items if isinstance(i, UnitRow)), key=lambda r: r.position)
+        buffer = UnitBuffer(planned.unit, self.run_id, info.model_id, info.dim)
+        tally = Tally()
+        for row in rows:
+            buffer.add(row.raw, row.result, row.owner)
+            tally.add(row.result)
+        buffer.commit(self.run)
+        yield tally
+
+
+def _finish(tally: Tally, info: ModelInfo, run: str, manifest_args: tuple) -> None:
+    """The run's commit point, after every unit: fail on a systemic failure, else the manifest."""
+    if tally.images and tally.status["error"] == tally.images:
+        tally.fail()
+    if is_committed(run):  # a replayed bundle: the manifest is already there
+        return
+    job, run_id, started = manifest_args
+    try:
+        finish_run(RunState(run, [], []), manifest_header(job, run_id, "beam", info, started))
+    except AlreadyExists:
+        log.info("the manifest of %s was written by another attempt", run)
+    storage.remove(storage.join(run, PLAN))  # every step that reads it has finished

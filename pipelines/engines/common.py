@@ -1,0 +1,58 @@
+"""What the distributed engines share: the model's description, the manifest header, extras."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from ..core.config import JobConfig, ModelConfig
+from ..core.errors import FatalError
+from ..core.models import load_model
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    model_id: str
+    dim: int
+    match_threshold: float
+
+
+def describe_model(config: ModelConfig) -> ModelInfo:
+    """Load the model once (on a worker, with the workers' resources) and say what it makes.
+
+    A model that will not load fails here, before any unit is read, with load_model's message.
+    """
+    model = load_model(config)
+    return ModelInfo(model.model_id, model.dim, model.match_threshold)
+
+
+def default_batch_size(config: ModelConfig, configured: int) -> int:
+    """dlib analyses one image at a time; batched backends get 16 per call."""
+    return configured or (1 if config.backend == "dlib" else 16)
+
+
+def manifest_header(job: JobConfig, run_id: str, engine: str, info: ModelInfo, started: dt.datetime) -> dict:
+    """The manifest fields every engine writes (finish_run adds counts and shards)."""
+    return {
+        "run_id": run_id,
+        "engine": engine,
+        "model_id": info.model_id,
+        "dim": info.dim,
+        "match_threshold": info.match_threshold,
+        "model": job.model.model_dump(),
+        "datasets": [d.model_dump(include={"name", "version", "source", "license"}) for d in job.datasets],
+        "config": job.model_dump(mode="json"),
+        "created_at": started.isoformat(),
+    }
+
+
+def require(module: str, extra: str) -> ModuleType:
+    """Import an optional engine, or say which pip install brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise FatalError(
+            f"the {extra} engine needs {module.split('.')[0]}: pip install 'faceaudit[{extra}]' ({exc})"
+        ) from exc

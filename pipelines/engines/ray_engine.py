@@ -1,0 +1,313 @@
+"""The Ray engine: the core's stages on Ray Data, on a local Ray or a Ray cluster.
+
+Two passes over the pending work units (see docs/engines.md):
+
+1. hash: read tasks read and hash every unit; a group-by on the hash finds the images met more
+   than once and their owner (``pipelines.core.dedup``). Only those duplicates reach the driver.
+2. analyse: read tasks read each unit again and keep the bytes of the images it owns -> an actor
+   pool (the model loaded once per actor; CPUs, GPUs and pool size from ``job.ray``) decodes,
+   detects and embeds, then writes the unit's faces then images shard atomically.
+   A unit whose duplicates are owned by a later-finishing unit waits (in the object store) for
+   their results and commits last.
+
+Rows are whole units (one unit per block), so each actor call analyses one unit and commits
+stream out as units finish; Ray Data's backpressure bounds what is in flight. An actor that
+dies is restarted and its unit retried; commits are whole-file renames of identical content, so
+a retry never duplicates output. The driver writes the manifest last with ``finish_run``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import pickle
+from collections.abc import Iterable
+from typing import Any
+
+from ..core import storage
+from ..core.config import DecodeConfig, JobConfig, ModelConfig, RayConfig
+from ..core.dedup import (
+    Duplicate,
+    PlannedUnit,
+    UnitTask,
+    UnitWork,
+    commit_unit,
+    committed_results,
+    duplicates,
+    exported_results,
+    foreign_owners,
+    merge_tallies,
+    plan_order,
+    read_for_analysis,
+    read_occurrences,
+    unit_tasks,
+)
+from ..core.errors import FatalError
+from ..core.models import load_model
+from ..core.records import ImageResult
+from ..core.run import Tally, finish_run, is_committed, new_run_id, plan_run, run_uri
+from ..core.stages import analyze_batch
+from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require
+from .local_engine import RunSummary
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCKS = 10_000  # one unit per block up to this many units (a block is one actor call)
+
+
+def run_job(job: JobConfig, fault_marker: str | None = None) -> RunSummary:
+    """Run (or resume) an ingest job on Ray; returns the committed run's manifest.
+
+    ``fault_marker`` is for tests: the first actor call that can create this file dies.
+    """
+    started = dt.datetime.now(dt.timezone.utc)
+    run_id = job.run_id or new_run_id()
+    uri = run_uri(job.out, run_id)
+    if is_committed(uri):
+        return RunSummary(run_id, uri, json.loads(storage.read_text(storage.join(uri, "_manifest.json"))))
+    ray = require("ray", "ray")
+    state = plan_run(job, run_id)
+    connected_here = _connect(ray, job)
+    try:
+        _quiet(job.progress)
+        info = _describe(ray, job)
+        units = plan_order(job, state)
+        dups, committed = _find_duplicates(units, job, state.uri)
+        tasks = unit_tasks(units, dups)
+        run = _Run(job, run_id, state.uri, info, fault_marker)
+        tally, analyzed = run.process(tasks, committed)
+    finally:
+        if connected_here:
+            ray.shutdown()
+    if tally.images and tally.status["error"] == tally.images:
+        tally.fail()
+    body = finish_run(state, manifest_header(job, run_id, "ray", info, started))
+    elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+    return RunSummary(run_id, uri, body, len(state.done), elapsed, analyzed)
+
+
+def _connect(ray, job: JobConfig) -> bool:
+    """Join the configured cluster (or RAY_ADDRESS), else start a local Ray. True if started here."""
+    if ray.is_initialized():
+        return False
+    address = job.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=job.workers or None, include_dashboard=False)
+    return True
+
+
+def _quiet(progress: bool) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    if not progress:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _describe(ray, job: JobConfig) -> ModelInfo:
+    """Load the model once on a worker with the actors' resources: a model that will not load
+    fails the job here, with load_model's message, before any unit is read."""
+    remote = ray.remote(describe_model).options(
+        num_cpus=job.ray.actor_cpus, num_gpus=job.ray.actor_gpus, max_retries=0
+    )
+    try:
+        return ray.get(remote.remote(job.model))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, FatalError):
+            raise FatalError(str(exc.cause)) from None
+        raise
+
+
+# ---------------------------------------------------------------- pass 1: hash
+
+
+def _find_duplicates(
+    units: list[PlannedUnit], job: JobConfig, run: str
+) -> tuple[list[Duplicate], dict[int, ImageResult]]:
+    """Pending occurrences met before in the run, and the committed results of owners in done units."""
+    pending = [p for p in units if not p.done]
+    if not pending:
+        return [], {}
+    rows = _items(pending).flat_map(_hash_rows, fn_kwargs={"job": job}, num_cpus=max(job.ray.read_cpus, 1.0))
+    done = [p for p in units if p.done]
+    if done:
+        rows = rows.union(_items(done).flat_map(_committed_rows, fn_kwargs={"run": run}))
+    # a few partitions for a small run: each partition is a task, and 200 idle tasks cost seconds
+    partitions = max(1, min(200, len(units) // 64))
+    found = rows.groupby("sha", num_partitions=partitions).map_groups(_owner_rows, batch_format="pyarrow")
+    found = found.take_all()
+    dups = [Duplicate(r["order"], r["owner"]) for r in found]
+    committed = {r["owner"]: pickle.loads(r["owner_result"]) for r in found if r["owner_result"]}
+    return dups, committed
+
+
+def _items(objects: Iterable[Any]):
+    import ray.data
+
+    items = [{"item": pickle.dumps(obj)} for obj in objects]
+    return ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+
+
+def _hash_rows(row: dict, job: JobConfig) -> list[dict]:
+    planned: PlannedUnit = pickle.loads(row["item"])
+    return [
+        {"sha": occ.sha, "order": occ.order, "result": b""}
+        for occ in read_occurrences(planned, job.http)
+        if occ.sha is not None
+    ]
+
+
+def _committed_rows(row: dict, run: str) -> list[dict]:
+    planned: PlannedUnit = pickle.loads(row["item"])
+    return [
+        {"sha": sha, "order": order, "result": pickle.dumps(result)}
+        for order, sha, result in committed_results(run, planned)
+    ]
+
+
+def _owner_rows(group):
+    """One image's occurrences -> a row per pending non-owner: its order, its owner's order, and
+    the owner's committed result when the owner is in a done unit."""
+    import pyarrow as pa
+
+    orders = group.column("order").to_pylist()
+    results = dict(zip(orders, group.column("result").to_pylist(), strict=True))
+    dups = [d for d in duplicates(orders) if not results[d.order]] if len(orders) > 1 else []
+    return pa.table(
+        {
+            "order": pa.array([d.order for d in dups], pa.int64()),
+            "owner": pa.array([d.owner for d in dups], pa.int64()),
+            "owner_result": pa.array([results[d.owner] for d in dups], pa.binary()),
+        }
+    )
+
+
+# ---------------------------------------------------------------- pass 2: analyse and commit
+
+
+class _Run:
+    def __init__(self, job: JobConfig, run_id: str, run: str, info: ModelInfo, fault_marker: str | None):
+        self.job, self.run_id, self.run, self.info = job, run_id, run, info
+        self.fault_marker = fault_marker
+
+    def process(self, tasks: list[UnitTask], committed: dict[int, ImageResult]) -> tuple[Tally, int]:
+        if not tasks:
+            return Tally(), 0
+        out = self._pipeline(tasks, committed).materialize()
+        summaries = out.select_columns(["tally", "exports", "analyzed", "waiting"]).take_all()
+        foreign = dict(committed)
+        for s in summaries:
+            foreign.update(pickle.loads(s["exports"]))
+        tallies = [pickle.loads(s["tally"]) for s in summaries]
+        if any(s["waiting"] for s in summaries):
+            from ray.data.expressions import col
+
+            waiting = out.filter(expr=col("waiting"))
+            done = waiting.map(_commit_deferred, fn_kwargs=self._commit_kwargs(foreign))
+            tallies += [pickle.loads(r["tally"]) for r in done.select_columns(["tally"]).take_all()]
+        return merge_tallies(tallies), sum(s["analyzed"] for s in summaries)
+
+    def _pipeline(self, tasks: list[UnitTask], committed: dict[int, ImageResult]):
+        import ray.data
+
+        cfg = self.job.ray
+        pool = _pool_size(cfg, len(tasks))
+        # Units in flight are bounded: two read per actor, two queued at each actor.
+        ds = _items(tasks).map(
+            _read_row, fn_kwargs={"job": self.job}, num_cpus=cfg.read_cpus, concurrency=2 * pool
+        )
+        return ds.map(
+            Analyzer,
+            fn_constructor_kwargs={
+                "model": self.job.model,
+                "decode": self.job.decode,
+                "batch_size": default_batch_size(self.job.model, cfg.batch_size),
+                "fault_marker": self.fault_marker,
+                "commit": self._commit_kwargs(committed),
+            },
+            compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=2),
+            num_cpus=cfg.actor_cpus,
+            num_gpus=cfg.actor_gpus,
+        )
+
+    def _commit_kwargs(self, foreign: dict[int, ImageResult]) -> dict:
+        return {"run": self.run, "run_id": self.run_id, "info": self.info, "foreign": foreign}
+
+
+def _pool_size(cfg: RayConfig, units: int) -> int:
+    """The configured pool, else as many actors as the cluster's CPUs (or GPUs) hold."""
+    if cfg.actors:
+        return min(cfg.actors, units)
+    import ray
+
+    resources = ray.cluster_resources()
+    fits = resources.get("CPU", 1) // cfg.actor_cpus
+    if cfg.actor_gpus:
+        fits = min(fits, resources.get("GPU", 0) // cfg.actor_gpus)
+    return int(max(1, min(fits, units)))
+
+
+def _read_row(row: dict, job: JobConfig) -> dict:
+    task: UnitTask = pickle.loads(row["item"])
+    return {"item": pickle.dumps(read_for_analysis(task, job.http))}
+
+
+class Analyzer:
+    """Decode, detect and embed a unit's owned images, then commit the unit (or hand it on to wait
+    for owners in other units). The model is loaded once per actor. Committing here rather than
+    in tasks of its own saves a worker process per task on a small machine."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        decode: DecodeConfig,
+        batch_size: int,
+        fault_marker: str | None,
+        commit: dict,
+    ):
+        self.model = load_model(model)
+        self.decode, self.batch_size, self.fault_marker = decode, batch_size, fault_marker
+        self.commit = commit
+
+    def __call__(self, row: dict) -> dict:
+        work: UnitWork = pickle.loads(row["item"])
+        _die_once(self.fault_marker)
+        positions = sorted(work.todo)
+        for start in range(0, len(positions), self.batch_size):
+            chunk = positions[start : start + self.batch_size]
+            results = analyze_batch([work.todo[p] for p in chunk], self.model, self.decode)
+            work.results.update(zip(chunk, results, strict=True))
+        work.todo.clear()  # the bytes are not needed past here
+        return {**_commit_or_wait(work, **self.commit), "analyzed": len(positions)}
+
+
+def _die_once(marker: str | None) -> None:
+    """Fault injection for tests: the first caller to create ``marker`` kills its process."""
+    if marker is None:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os._exit(1)
+
+
+def _commit_or_wait(work: UnitWork, run: str, run_id: str, info: ModelInfo, foreign: dict) -> dict:
+    """Commit the unit now, or hand it on to wait for owners in units still being analysed."""
+    summary = {"exports": pickle.dumps(exported_results(work))}
+    if foreign_owners(work) - foreign.keys():
+        return {**summary, "tally": pickle.dumps(Tally()), "waiting": True, "deferred": pickle.dumps(work)}
+    tally = commit_unit(work, run, run_id, info.model_id, info.dim, foreign)
+    return {**summary, "tally": pickle.dumps(tally), "waiting": False, "deferred": b""}
+
+
+def _commit_deferred(
+    row: dict, run: str, run_id: str, info: ModelInfo, foreign: dict[int, ImageResult]
+) -> dict:
+    work: UnitWork = pickle.loads(row["deferred"])
+    return {"tally": pickle.dumps(commit_unit(work, run, run_id, info.model_id, info.dim, foreign))}

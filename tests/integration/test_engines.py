@@ -1,0 +1,190 @@
+"""One job, every engine: local, Ray (a local Ray instance) and Beam (the DirectRunner in-process)
+must write the same rows, resume the same way and fail the same way."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from pipelines.core.config import DatasetSpec, JobConfig
+from pipelines.core.errors import FatalError
+from pipelines.engines import beam_engine, local_engine, ray_engine
+from tests.helpers import face_rows, image_rows, manifest
+
+ENGINES = ("ray", "beam")
+BEAM_IN_PROCESS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session (starting one takes seconds)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def run_engine(engine: str, job: JobConfig, request, **kwargs) -> local_engine.RunSummary:
+    if engine == "ray":
+        request.getfixturevalue("ray_session")
+        return ray_engine.run_job(job, **kwargs)
+    if engine == "beam":
+        return beam_engine.run_job(job, [*BEAM_IN_PROCESS, *kwargs.get("beam_args", ())])
+    return local_engine.run_job(job)
+
+
+def make_job(out: Path, *datasets: tuple[str, Path], **overrides) -> JobConfig:
+    settings = dict(run_id="r", images_per_shard=3, progress=False, workers=2)
+    settings.update(overrides)
+    specs = [DatasetSpec(name=name, source=str(folder)) for name, folder in datasets]
+    return JobConfig(datasets=specs, out=str(out), **settings)
+
+
+def assert_same_run(run, expected) -> None:
+    """Identical images rows; the same faces rows, boxes within 1e-3 px, embeddings within 1e-5."""
+    assert image_rows(run) == image_rows(expected)
+    got, want = face_rows(run), face_rows(expected)
+    assert [f["face_id"] for f in got] == [f["face_id"] for f in want]
+    for a, b in zip(got, want, strict=True):
+        for key in ("image_sha256", "dataset", "source_uri", "face_index", "model_id"):
+            assert a[key] == b[key]
+        np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-3)
+        np.testing.assert_allclose(a["landmarks"], b["landmarks"], atol=1e-3)
+        np.testing.assert_allclose(a["embedding"], b["embedding"], atol=1e-5)
+        assert abs(a["det_score"] - b["det_score"]) < 1e-5
+    assert manifest(run)["counts"] == manifest(expected)["counts"]
+
+
+@pytest.fixture(scope="module")
+def twice(tmp_path_factory, faces_dir) -> dict[str, Path]:
+    """Two small data sets that share bytes: within a unit, across units and across data sets,
+    with an unreadable file and one that is not an image."""
+    root = tmp_path_factory.mktemp("twice")
+    a, b = root / "a", root / "b"
+    a.mkdir()
+    b.mkdir()
+    photos = sorted(faces_dir.glob("img*.jpg"))[:8]
+    for photo in photos:
+        image = ImageOps.exif_transpose(Image.open(photo)).convert("RGB")
+        image.thumbnail((400, 400))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        (a / photo.name).write_bytes(buffer.getvalue())
+    names = sorted(p.name for p in a.iterdir())
+    (a / "img1x.jpg").write_bytes((a / names[0]).read_bytes())  # the same unit as its owner
+    (a / "zz.jpg").write_bytes((a / names[1]).read_bytes())  # a later unit
+    (a / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    for name in names[-3:]:
+        (b / f"again-{name}").write_bytes((a / name).read_bytes())  # another data set
+    (b / "gone.jpg").symlink_to(root / "nowhere.jpg")  # unreadable: a read error row
+    return {"a": a, "b": b}
+
+
+@pytest.fixture(scope="module")
+def twice_local(tmp_path_factory, twice) -> Path:
+    out = tmp_path_factory.mktemp("twice-local")
+    return Path(local_engine.run_job(make_job(out, *twice.items())).uri)
+
+
+@pytest.fixture(scope="module")
+def twice_runs(tmp_path_factory, twice, request):
+    """Each engine's run of the ``twice`` job, made on first use. Ray's run has an actor killed
+    mid-run (the first actor call dies), so every check of it is also a check of recovery."""
+    runs: dict[str, Path] = {}
+
+    def get(engine: str) -> Path:
+        if engine not in runs:
+            out = tmp_path_factory.mktemp(f"twice-{engine}")
+            extra = {"fault_marker": str(out / "killed-once")} if engine == "ray" else {}
+            runs[engine] = Path(run_engine(engine, make_job(out, *twice.items()), request, **extra).uri)
+        return runs[engine]
+
+    return get
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_duplicates_and_bad_records_give_the_local_rows(engine, twice_runs, twice_local):
+    run = twice_runs(engine)
+    assert manifest(run)["engine"] == engine
+    assert_same_run(run, twice_local)
+    faces = face_rows(run)
+    assert len(faces) == len({f["face_id"] for f in faces})  # each image's faces written once
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_resume_skips_done_units_and_keeps_their_owners(
+    engine, tmp_path, twice, twice_runs, twice_local, request
+):
+    """Uncommit every other unit (and the manifest) of a finished run and run it again: owners in
+    done units keep their faces, duplicates in redone units take the committed results."""
+    out = tmp_path / "out"
+    shutil.copytree(twice_runs(engine).parent.parent, out)
+    run = out / "runs" / "r"
+    (run / "_manifest.json").unlink()
+    parts = sorted((run / "images").glob("part-*.parquet"))
+    for part in parts[1::2]:
+        part.unlink()
+        (run / "faces" / part.name).unlink()
+    summary = run_engine(engine, make_job(out, *twice.items()), request)
+    assert summary.resumed_units == len(parts) - len(parts[1::2])
+    assert_same_run(run, twice_local)
+
+
+def test_ray_replaces_a_killed_actor_and_the_output_is_exact(twice_runs, twice_local):
+    run = twice_runs("ray")
+    assert (run.parent.parent / "killed-once").exists()  # an actor did die mid-run
+    assert_same_run(run, twice_local)
+
+
+def test_beam_bundle_replays_change_nothing(tmp_path, twice, twice_local, request):
+    job = make_job(tmp_path, *twice.items())
+    summary = run_engine("beam", job, request, beam_args=["--direct_runner_bundle_repeat=2"])
+    assert_same_run(summary.uri, twice_local)
+    assert not [p for p in Path(summary.uri).rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_image_failing_fails_the_job(engine, tmp_path, request):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(5):
+        (junk / f"{i}.jpg").write_bytes(b"\xff\xd8\xff" + bytes([i]) * 50)
+    with pytest.raises(FatalError, match="every one of 5 images failed"):
+        run_engine(engine, make_job(tmp_path / "out", ("junk", junk)), request)
+    assert not (tmp_path / "out" / "runs" / "r" / "_manifest.json").exists()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_model_that_cannot_load_fails_the_job(engine, tmp_path, twice, request):
+    model = {"backend": "insightface", "pack": str(tmp_path / "no-such-pack")}
+    job = make_job(tmp_path / "out", ("a", twice["a"]), model=model)
+    with pytest.raises(FatalError, match="no-such-pack"):
+        run_engine(engine, job, request)
+    assert not (tmp_path / "out" / "runs" / "r" / "_manifest.json").exists()
+
+
+# ---------------------------------------------------------------- the shared photos, every engine
+
+
+@pytest.fixture(scope="session")
+def engine_runs(tmp_path_factory, faces_dir, faces_run, request) -> dict[str, str]:
+    """The shared photos through Ray and Beam with the settings of the local ``faces_run``."""
+    runs = {"local": faces_run.uri}
+    for engine in ENGINES:
+        out = tmp_path_factory.mktemp(f"faces-{engine}")
+        job = make_job(out, ("deepface", faces_dir), run_id="faces", images_per_shard=16)
+        runs[engine] = run_engine(engine, job, request).uri
+    yield runs
+    for engine in ENGINES:
+        shutil.rmtree(Path(runs[engine]).parent.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_shared_photos_give_the_same_rows_on_every_engine(engine, engine_runs):
+    assert_same_run(engine_runs[engine], engine_runs["local"])
+    assert len(image_rows(engine_runs[engine])) == 64

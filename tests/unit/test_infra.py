@@ -1,0 +1,154 @@
+"""infra/ names only files and commands that exist: every YAML and JSON parses, every repository
+path it mentions exists, every `faceaudit` command and flag is one the CLI has."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import typer.main
+import yaml
+
+from pipelines.cli import app
+from pipelines.core.config import load_job
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+TEXT_SUFFIXES = {".yaml", ".yml", ".json", ".sh", ".py", ".md"}
+
+
+def _is_text(path: Path) -> bool:
+    return path.is_file() and (path.suffix in TEXT_SUFFIXES or path.name.startswith("Dockerfile"))
+
+
+TEXT_FILES = sorted(p for p in INFRA.rglob("*") if _is_text(p))
+# A repository path, also inside an image (/app/infra/..., /template/infra/...) or as ./infra/...
+REPO_PATH = re.compile(r"(?<![\w-])((?:infra|configs|pipelines|indexing|bench|tests)/[\w./-]*\w)")
+COMMAND = re.compile(r"\bfaceaudit ((?:[a-z][\w-]* ?)+)([^\n|]*)")
+
+
+def _cli_commands() -> dict[str, set[str]]:
+    """Each command path ("ingest", "index build") -> its option names."""
+    found: dict[str, set[str]] = {}
+
+    def walk(command, prefix: str) -> None:
+        for name, sub in getattr(command, "commands", {}).items():
+            path = f"{prefix} {name}".strip()
+            found[path] = {opt for param in sub.params for opt in getattr(param, "opts", [])}
+            found[path] |= {opt for param in sub.params for opt in getattr(param, "secondary_opts", [])}
+            walk(sub, path)
+
+    walk(typer.main.get_command(app), "")
+    return found
+
+
+def test_infra_has_the_issue_files():
+    for rel in (
+        "docker/Dockerfile.cpu",
+        "docker/Dockerfile.gpu",
+        "ray/gcp-gpu.yaml",
+        "kuberay/rayjob.yaml",
+        "dataflow/flex-template.json",
+        "dataflow/launch.sh",
+    ):
+        assert (INFRA / rel).is_file(), rel
+
+
+@pytest.mark.parametrize("path", [p for p in TEXT_FILES if p.suffix in {".yaml", ".yml"}], ids=str)
+def test_every_yaml_parses(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs and all(isinstance(d, dict) for d in docs)
+
+
+@pytest.mark.parametrize("path", [p for p in TEXT_FILES if p.suffix == ".json"], ids=str)
+def test_every_json_parses(path):
+    assert isinstance(json.loads(path.read_text()), dict)
+
+
+@pytest.mark.parametrize("path", sorted((INFRA / "jobs").glob("*.yaml")), ids=str)
+def test_job_files_are_valid_jobs(path):
+    job = load_job(path)
+    assert job.datasets and job.engine in ("ray", "beam")
+
+
+@pytest.mark.parametrize("path", TEXT_FILES, ids=str)
+def test_paths_named_in_infra_exist(path):
+    for rel in REPO_PATH.findall(path.read_text()):
+        assert (REPO / rel).exists(), f"{path.name} names {rel}, which is not in the repository"
+
+
+@pytest.mark.parametrize("path", [p for p in TEXT_FILES if p.name.startswith("Dockerfile")], ids=str)
+def test_dockerfiles_copy_what_exists(path):
+    for line in path.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+            for source in words[1:-1]:
+                assert (REPO / source).exists(), f"{path.name} copies {source}"
+
+
+@pytest.mark.parametrize("path", TEXT_FILES, ids=str)
+def test_faceaudit_commands_and_flags_exist(path):
+    commands = _cli_commands()
+    for words, rest in COMMAND.findall(path.read_text()):
+        words = words.split()
+        while words and " ".join(words) not in commands:
+            words.pop()  # "faceaudit ingest on the head" -> "ingest"
+        if not words:
+            continue  # prose ("faceaudit turns ...") or an image name
+        options = commands[" ".join(words)]
+        if words == ["ingest"] and "--engine beam" in rest:
+            options = options | _beam_options()  # the rest are Beam pipeline options
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
+            assert flag in options, f"{path.name}: faceaudit {' '.join(words)} has no {flag}"
+
+
+def _beam_options() -> set[str]:
+    """Every flag that Beam's PipelineOptions (all of its views) accepts."""
+    pipeline_options = pytest.importorskip("apache_beam.options.pipeline_options")
+    parser = pipeline_options._BeamArgumentParser(allow_abbrev=False)
+    todo = [pipeline_options.PipelineOptions]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        cls._add_argparse_args(parser)
+    return set(parser._option_string_actions)
+
+
+def test_the_entry_points_are_real_commands():
+    commands = _cli_commands()
+    rayjob = yaml.safe_load((INFRA / "kuberay" / "rayjob.yaml").read_text())
+    entry = shlex.split(rayjob["spec"]["entrypoint"])
+    assert entry[:2] == ["faceaudit", "ingest"]
+    assert {w for w in entry if w.startswith("--")} <= commands["ingest"]
+    spec = importlib.util.spec_from_file_location("ingest_main", INFRA / "dataflow" / "ingest_main.py")
+    ingest_main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ingest_main)
+    args = ingest_main.ingest_args(["--config=infra/jobs/ingest-cpu.yaml", "--run_id=r1", "--project=p"])
+    assert args[0] == "ingest" and "--run-id" in args and "--runner=DataflowRunner" in args
+    assert {a for a in args if a.startswith("--") and "=" not in a} <= commands["ingest"]
+    template = json.loads((INFRA / "dataflow" / "flex-template.json").read_text())
+    launcher = (INFRA / "dataflow" / "Dockerfile.launcher").read_text()
+    assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/template/infra/dataflow/ingest_main.py" in launcher
+    names = {p["name"] for p in template["metadata"]["parameters"]}
+    assert names <= set(ingest_main.FLAGS)
+
+
+def test_clusters_ask_for_gpu_workers():
+    launcher = yaml.safe_load((INFRA / "ray" / "gcp-gpu.yaml").read_text())
+    assert launcher["head_node_type"] in launcher["available_node_types"]
+    assert any(t.get("resources", {}).get("GPU") for t in launcher["available_node_types"].values())
+    rayjob = yaml.safe_load((INFRA / "kuberay" / "rayjob.yaml").read_text())
+    groups = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    limits = [c["resources"]["limits"] for g in groups for c in g["template"]["spec"]["containers"]]
+    assert any("nvidia.com/gpu" in lim for lim in limits)
+
+
+@pytest.mark.parametrize("path", [p for p in TEXT_FILES if p.suffix == ".sh"], ids=str)
+def test_scripts_are_valid_bash(path):
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    assert path.stat().st_mode & 0o111, f"{path.name} is not executable"
