@@ -56,7 +56,7 @@ class ModelConfig(Strict):
     backend: Literal["dlib", "insightface"] = "dlib"
     detector: Literal["hog", "cnn"] = Field("hog", description="dlib detector: HOG (fast, CPU) or MMOD CNN")
     detect_max_side: int = Field(
-        1024, ge=0, description="detect on a copy downscaled to this longest side (0: full size)"
+        640, ge=0, description="detect on a copy downscaled to this longest side (0: full size)"
     )
     upsample: int = Field(0, ge=0, le=3, description="dlib: times to upsample the detection copy")
     min_face_size: int = Field(20, ge=0, description="drop faces whose box is smaller, in original pixels")

@@ -17,6 +17,7 @@ class ModelInfo:
     model_id: str
     dim: int
     match_threshold: float
+    provenance: dict | None = None  # e.g. an insightface pack's files, sha256s and licence
 
 
 def describe_model(config: ModelConfig) -> ModelInfo:
@@ -25,7 +26,7 @@ def describe_model(config: ModelConfig) -> ModelInfo:
     A model that will not load fails here, before any unit is read, with load_model's message.
     """
     model = load_model(config)
-    return ModelInfo(model.model_id, model.dim, model.match_threshold)
+    return ModelInfo(model.model_id, model.dim, model.match_threshold, getattr(model, "provenance", None))
 
 
 def default_batch_size(config: ModelConfig, configured: int) -> int:
@@ -42,6 +43,7 @@ def manifest_header(job: JobConfig, run_id: str, engine: str, info: ModelInfo, s
         "dim": info.dim,
         "match_threshold": info.match_threshold,
         "model": job.model.model_dump(),
+        "model_provenance": info.provenance,
         "datasets": [d.model_dump(include={"name", "version", "source", "license"}) for d in job.datasets],
         "config": job.model_dump(mode="json"),
         "created_at": started.isoformat(),

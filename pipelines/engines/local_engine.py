@@ -25,6 +25,7 @@ from ..core.records import ImageResult, RawImage
 from ..core.run import RunState, Tally, UnitBuffer, finish_run, is_committed, new_run_id, plan_run, run_uri
 from ..core.sources import read_unit
 from ..core.stages import analyze_batch, read_error_result
+from .common import ModelInfo, default_batch_size, manifest_header
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ def _model() -> FaceModel:
     return _worker["model"]
 
 
-def _describe() -> tuple[str, int, float]:
+def _describe() -> ModelInfo:
     model = _model()
-    return model.model_id, model.dim, model.match_threshold
+    return ModelInfo(model.model_id, model.dim, model.match_threshold, getattr(model, "provenance", None))
 
 
 def _analyze(batch: list[bytes]) -> list[ImageResult]:
@@ -126,10 +127,10 @@ class RunSummary:
 
 
 class LocalRun:
-    def __init__(self, job: JobConfig, run_id: str, state: RunState, executor, info: tuple[str, int, float]):
+    def __init__(self, job: JobConfig, run_id: str, state: RunState, executor, info: ModelInfo):
         self.job, self.run_id, self.state, self.executor = job, run_id, state, executor
-        self.model_id, self.dim, self.threshold = info
-        self.batch_size = 1 if job.model.backend == "dlib" else 16
+        self.model_id, self.dim = info.model_id, info.dim
+        self.batch_size = default_batch_size(job.model, 0)
         workers = job.workers or os.cpu_count() or 1
         self.max_window = job.max_in_flight or 8 * workers * self.batch_size
         self.window: deque[Slot | UnitEnd] = deque()
@@ -245,18 +246,7 @@ def run_job(job: JobConfig) -> RunSummary:
         local.run()
     finally:
         executor.shutdown(cancel_futures=True)
-    manifest = {
-        "run_id": run_id,
-        "engine": "local",
-        "model_id": info[0],
-        "dim": info[1],
-        "match_threshold": info[2],
-        "model": job.model.model_dump(),
-        "datasets": [d.model_dump(include={"name", "version", "source", "license"}) for d in job.datasets],
-        "config": job.model_dump(mode="json"),
-        "created_at": started.isoformat(),
-    }
-    body = finish_run(state, manifest)
+    body = finish_run(state, manifest_header(job, run_id, "local", info, started))
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     return RunSummary(run_id, uri, body, len(state.done), elapsed, local.analyzed)
 
