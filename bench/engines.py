@@ -15,7 +15,6 @@ run at nice 0 here, like the other engines' (Ray's default is 15).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -25,10 +24,10 @@ import threading
 import time
 from pathlib import Path
 
-from PIL import Image, ImageOps
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import photos  # noqa: E402  (bench/photos.py, beside this script)
 
 from pipelines.core.config import DatasetSpec, JobConfig  # noqa: E402
 
@@ -37,18 +36,7 @@ WORK = REPO / ".bench" / "engines"
 
 
 def replicate(copies: int) -> Path:
-    folder = REPO / ".bench" / f"engines-photos-{copies}"
-    originals = sorted(FACES.glob("*.jpg"))
-    if folder.is_dir() and len(list(folder.glob("*.jpg"))) == copies * len(originals):
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    for photo in originals:
-        image = ImageOps.exif_transpose(Image.open(photo)).convert("RGB")
-        for k in range(copies):
-            buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=88 + k)  # another quality: other bytes, same scene
-            (folder / f"{photo.stem}-{k}.jpg").write_bytes(buffer.getvalue())
-    return folder
+    return photos.replicate(copies, "engines")
 
 
 def make_job(photos: Path, engine: str, args: argparse.Namespace, tag: str, **extra) -> JobConfig:

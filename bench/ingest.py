@@ -18,7 +18,6 @@ images in .bench/ingest-photos. Printed, as images/s, faces/s and ratios:
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile
@@ -26,10 +25,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import photos  # noqa: E402  (bench/photos.py, beside this script)
 
 from pipelines.core.config import DatasetSpec, DecodeConfig, JobConfig, ModelConfig  # noqa: E402
 from pipelines.core.decode import decode_image, downscale  # noqa: E402
@@ -40,18 +41,7 @@ FACES = REPO.parent / "shared" / "data" / "faces"
 
 
 def replicate(copies: int) -> Path:
-    folder = REPO / ".bench" / f"ingest-photos-{copies}"
-    originals = sorted(FACES.glob("*.jpg"))
-    if folder.is_dir() and len(list(folder.glob("*.jpg"))) == copies * len(originals):
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    for photo in originals:
-        image = ImageOps.exif_transpose(Image.open(photo)).convert("RGB")
-        for k in range(copies):
-            buffer = io.BytesIO()
-            image.save(buffer, "JPEG", quality=88 + k)  # another quality: other bytes, same scene
-            (folder / f"{photo.stem}-{k}.jpg").write_bytes(buffer.getvalue())
-    return folder
+    return photos.replicate(copies, "ingest")
 
 
 def rate(n_images: int, n_faces: int, seconds: float) -> tuple[float, float]:

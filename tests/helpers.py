@@ -40,3 +40,17 @@ def largest_face_embeddings(run) -> dict[str, np.ndarray]:
         if name not in best or area > best[name][0]:
             best[name] = (area, np.asarray(row["embedding"], dtype=np.float32))
     return {name: emb for name, (_, emb) in best.items()}
+
+
+def write_small_copies(photos, folder: Path, max_side: int, quality: int = 90) -> None:
+    """Upright JPEG copies of ``photos`` in ``folder``, no longer than ``max_side``: fast runs."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    for photo in photos:
+        image = ImageOps.exif_transpose(Image.open(photo)).convert("RGB")
+        image.thumbnail((max_side, max_side))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=quality)
+        (Path(folder) / Path(photo).name).write_bytes(buffer.getvalue())

@@ -3,18 +3,16 @@ must write the same rows, resume the same way and fail the same way."""
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
 
 from pipelines.core.config import DatasetSpec, JobConfig
 from pipelines.core.errors import FatalError
 from pipelines.engines import beam_engine, local_engine, ray_engine
-from tests.helpers import face_rows, image_rows, manifest
+from tests.helpers import face_rows, image_rows, manifest, write_small_copies
 
 ENGINES = ("ray", "beam")
 BEAM_IN_PROCESS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
@@ -69,12 +67,7 @@ def twice(tmp_path_factory, faces_dir) -> dict[str, Path]:
     a.mkdir()
     b.mkdir()
     photos = sorted(faces_dir.glob("img*.jpg"))[:8]
-    for photo in photos:
-        image = ImageOps.exif_transpose(Image.open(photo)).convert("RGB")
-        image.thumbnail((400, 400))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=90)
-        (a / photo.name).write_bytes(buffer.getvalue())
+    write_small_copies(photos, a, 400)
     names = sorted(p.name for p in a.iterdir())
     (a / "img1x.jpg").write_bytes((a / names[0]).read_bytes())  # the same unit as its owner
     (a / "zz.jpg").write_bytes((a / names[1]).read_bytes())  # a later unit

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -11,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageOps
 
-from tests.helpers import face_rows, image_rows, manifest
+from tests.helpers import face_rows, image_rows, manifest, write_small_copies
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,12 +39,7 @@ def run_ok(*args: str) -> str:
 def small_photos(tmp_path_factory, faces_dir) -> Path:
     """40 of the shared photos, downscaled to 480 px so that runs take seconds."""
     folder = tmp_path_factory.mktemp("small")
-    for photo in sorted(faces_dir.glob("img*.jpg"))[:40]:
-        image = ImageOps.exif_transpose(Image.open(photo)).convert("RGB")
-        image.thumbnail((480, 480))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=90)
-        (folder / photo.name).write_bytes(buffer.getvalue())
+    write_small_copies(sorted(faces_dir.glob("img*.jpg"))[:40], folder, 480)
     return folder
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -16,7 +13,7 @@ from pipelines.core.decode import decode_image  # noqa: E402
 from pipelines.core.errors import ConfigError  # noqa: E402
 from pipelines.core.models import load_model  # noqa: E402
 from pipelines.engines.local_engine import run_job  # noqa: E402
-from tests.helpers import manifest, read_table  # noqa: E402
+from tests.helpers import manifest, read_table, write_small_copies  # noqa: E402
 from tests.onnx_models import make_pack  # noqa: E402
 
 
@@ -28,12 +25,7 @@ def photos(tmp_path_factory, faces_dir):
         faces_dir / "couple.jpg",
         faces_dir / "selfie-many-people.jpg",
     ]
-    for photo in chosen:
-        image = ImageOps.exif_transpose(Image.open(photo)).convert("RGB")
-        image.thumbnail((800, 800))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=90)
-        (folder / photo.name).write_bytes(buffer.getvalue())
+    write_small_copies(chosen, folder, 800)
     return folder
 
 
