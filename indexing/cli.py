@@ -61,6 +61,10 @@ def build(
     m = result.manifest
     out.print(f"built {result.folder} in {result.seconds:.1f} s: {m['counts']['faces']} faces, "
               f"{m['factory']}, nprobe {m['nprobe']}, recall@10 {m['recall']['at_10']:.3f}")
+    if m["recall"]["at_10"] < m["recall"]["target"]:
+        # every nprobe was tried: the codes are too coarse for this collection at this budget
+        err.print(f"[yellow]warning:[/yellow] recall@10 {m['recall']['at_10']:.3f} is below the target "
+                  f"{m['recall']['target']}; raise --max-bytes-per-vector or --rerank-factor")
 
 
 @index_app.command("info")
