@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 
@@ -133,8 +132,5 @@ def local_copy(folder: str, manifest: dict, cache_dir: str) -> str:
         path = os.path.join(target, entry["file"])
         if os.path.exists(path) and os.path.getsize(path) == entry["bytes"]:
             continue  # verify() below re-checks its sha256 anyway
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fs, remote = storage.url_to_fs(storage.join(folder, entry["file"]))
-        fs.get_file(remote, path + ".part")
-        shutil.move(path + ".part", path)
+        storage.download(storage.join(folder, entry["file"]), path)
     return target

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 
 from pipelines.core import storage
 from pipelines.core.errors import ConfigError, FatalError
+from pipelines.core.writer import RUN_FORMAT, is_committed
+from pipelines.core.writer import RUN_MANIFEST as MANIFEST
 
-RUN_FORMAT = "faceaudit.run/1"
-MANIFEST = "_manifest.json"
 BATCH_ROWS = 65_536
 META_COLUMNS = ["face_id", "image_sha256", "dataset", "source_uri", "face_index", "bbox", "det_score"]
 
@@ -61,13 +61,13 @@ def find_runs(uris: list[str]) -> list[Run]:
 
 def _run_folders(uri: str) -> list[str]:
     uri = uri.rstrip("/")
-    if storage.exists(storage.join(uri, MANIFEST)):
+    if is_committed(uri):
         return [uri]
     parent = storage.join(uri, "runs") if storage.exists(storage.join(uri, "runs")) else uri
     return [
         storage.join(parent, name)
         for name in storage.listdir(parent)
-        if storage.exists(storage.join(parent, name, MANIFEST))
+        if is_committed(storage.join(parent, name))
     ]
 
 

@@ -16,14 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
-
-from . import storage
 from .config import HttpConfig, JobConfig
 from .records import ImageResult, RawImage, WorkUnit
-from .run import RunState, Tally, UnitBuffer, part_name
+from .run import RunState, Tally, UnitBuffer, committed_images
 from .sources import read_unit
-from .stages import read_error_result
+from .stages import read_error_result, result_from_image_row
 
 POSITION_BITS = 32  # a unit holds fewer than 2**32 occurrences
 
@@ -80,33 +77,11 @@ def read_occurrences(planned: PlannedUnit, http: HttpConfig) -> Iterator[Occurre
 
 def committed_results(run_uri: str, planned: PlannedUnit) -> list[tuple[int, str, ImageResult]]:
     """(order, sha, result without faces) of a done unit's readable occurrences, from its shard."""
-    uri = storage.join(run_uri, f"images/part-{part_name(planned.unit)}.parquet")
-    fs, path = storage.url_to_fs(uri)
-    with fs.open(path, "rb") as f:
-        rows = pq.read_table(f).to_pylist()
-    out = []
-    for position, row in enumerate(rows):
-        if row["image_sha256"]:
-            result = ImageResult(
-                image_sha256=row["image_sha256"],
-                status=row["status"],
-                error_stage=row["error_stage"],
-                error=row["error"],
-                width=row["width"],
-                height=row["height"],
-            )
-            result.faces = [None] * row["n_faces"]  # type: ignore[list-item]  # only the count is needed
-            out.append((order_of(planned.ordinal, position), row["image_sha256"], result))
-    return out
-
-
-def without_faces(result: ImageResult) -> ImageResult:
-    """What a non-owner occurrence needs of its owner's result: everything but the faces."""
-    slim = ImageResult(
-        result.image_sha256, result.status, result.error_stage, result.error, result.width, result.height
-    )
-    slim.faces = [None] * result.n_faces  # type: ignore[list-item]  # only the count is needed
-    return slim
+    return [
+        (order_of(planned.ordinal, position), row["image_sha256"], result_from_image_row(row))
+        for position, row in enumerate(committed_images(run_uri, planned.unit))
+        if row["image_sha256"]
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +150,7 @@ def read_for_analysis(task: UnitTask, http: HttpConfig) -> UnitWork:
 def exported_results(work: UnitWork) -> dict[int, ImageResult]:
     """Order -> result (without faces) of this unit's owners that later units wait for."""
     return {
-        order_of(work.task.planned.ordinal, p): without_faces(work.results[p])
+        order_of(work.task.planned.ordinal, p): work.results[p].without_faces()
         for p in sorted(work.task.exports)
         if p in work.results
     }
@@ -217,8 +192,5 @@ def _result_of(work: UnitWork, occ: Occurrence, foreign: dict[int, ImageResult])
 def merge_tallies(tallies: Iterable[Tally]) -> Tally:
     total = Tally()
     for t in tallies:
-        total.images += t.images
-        total.faces += t.faces
-        total.status.update(t.status)
-        total.reasons.update(t.reasons)
+        total.merge(t)
     return total

@@ -83,6 +83,15 @@ class ImageResult:
     def n_faces(self) -> int:
         return len(self.faces)
 
+    def without_faces(self) -> ImageResult:
+        """What a later occurrence of the same bytes needs: everything but the faces themselves
+        (kept only as a count, since their rows are written once, at the owner)."""
+        slim = ImageResult(
+            self.image_sha256, self.status, self.error_stage, self.error, self.width, self.height
+        )
+        slim.faces = [None] * self.n_faces  # type: ignore[list-item]
+        return slim
+
 
 def face_id(image_sha256: str, model_id: str, face_index: int) -> int:
     """The FAISS id of a face: first 8 bytes of SHA-256 of ``sha:model:index``, sign bit cleared."""

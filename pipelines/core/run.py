@@ -19,10 +19,18 @@ from .config import JobConfig
 from .errors import FatalError
 from .records import ImageResult, RawImage, WorkUnit
 from .sources import plan_units
-from .stages import face_rows, image_row
-from .writer import ShardInfo, commit_table, faces_table, images_table, shard_info, write_manifest
-
-RUN_FORMAT = "faceaudit.run/1"
+from .stages import face_rows, image_row, result_from_image_row
+from .writer import (  # noqa: F401 - is_committed and read_manifest are the engines' too
+    RUN_FORMAT,
+    ShardInfo,
+    commit_table,
+    faces_table,
+    images_table,
+    is_committed,
+    read_manifest,
+    shard_info,
+    write_manifest,
+)
 
 
 def new_run_id() -> str:
@@ -32,10 +40,6 @@ def new_run_id() -> str:
 
 def run_uri(out: str, run_id: str) -> str:
     return storage.join(out, "runs", run_id)
-
-
-def is_committed(run: str) -> bool:
-    return storage.exists(storage.join(run, "_manifest.json"))
 
 
 def part_name(unit: WorkUnit) -> str:
@@ -68,22 +72,18 @@ def plan_run(job: JobConfig, run_id: str) -> RunState:
 
 
 def _remember_committed(state: RunState, unit: WorkUnit) -> None:
-    table = _read_table(storage.join(state.uri, f"images/part-{part_name(unit)}.parquet"))
-    for row in table.to_pylist():
+    for row in committed_images(state.uri, unit):
         sha = row["image_sha256"]
         if sha and sha not in state.seen:
-            state.seen[sha] = ImageResult(
-                image_sha256=sha,
-                status=row["status"],
-                error_stage=row["error_stage"],
-                error=row["error"],
-                width=row["width"],
-                height=row["height"],
-                faces=[None] * row["n_faces"],  # type: ignore[list-item]  # only the count is needed
-            )
+            state.seen[sha] = result_from_image_row(row)
 
 
-def _read_table(uri: str):
+def committed_images(run: str, unit: WorkUnit) -> list[dict]:
+    """The rows of a done unit's ``images`` shard, in the unit's order."""
+    return read_table(storage.join(run, f"images/part-{part_name(unit)}.parquet")).to_pylist()
+
+
+def read_table(uri: str):
     fs, path = storage.url_to_fs(uri)
     with fs.open(path, "rb") as f:
         return pq.read_table(f)
@@ -126,6 +126,12 @@ class Tally:
         if result.status == "error":
             self.reasons[f"{result.error_stage}: {result.error}"] += 1
 
+    def merge(self, other: Tally) -> None:
+        self.images += other.images
+        self.faces += other.faces
+        self.status.update(other.status)
+        self.reasons.update(other.reasons)
+
     def check_systemic(self, min_images: int = 200) -> None:
         """Every one of many records failing means the job, not the data, is broken."""
         if self.images >= min_images and self.status["error"] == self.images:
@@ -159,7 +165,7 @@ def _count(run: str, shards: list[ShardInfo]) -> dict:
         if shard.table == "faces":
             counts["faces"] += shard.rows
             continue
-        table = _read_table(storage.join(run, shard.file)).select(["dataset", "status", "n_faces"])
+        table = read_table(storage.join(run, shard.file)).select(["dataset", "status", "n_faces"])
         for row in table.to_pylist():
             counts["images"] += 1
             counts[row["status"]] += 1

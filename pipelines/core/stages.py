@@ -91,6 +91,15 @@ def image_row(result: ImageResult, dataset: str, source_uri: str, run_id: str) -
     }
 
 
+def result_from_image_row(row: dict) -> ImageResult:
+    """The result (faces as a count only) that a committed ``images`` row records."""
+    result = ImageResult(
+        row["image_sha256"], row["status"], row["error_stage"], row["error"], row["width"], row["height"]
+    )
+    result.faces = [None] * row["n_faces"]  # type: ignore[list-item]  # only the count is known
+    return result
+
+
 def face_rows(result: ImageResult, dataset: str, source_uri: str, model_id: str, run_id: str) -> list[dict]:
     sha = result.image_sha256
     assert sha is not None or not result.faces

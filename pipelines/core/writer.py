@@ -13,6 +13,18 @@ import pyarrow.parquet as pq
 from . import storage
 from .schema import IMAGES_SCHEMA, faces_schema
 
+RUN_FORMAT = "faceaudit.run/1"
+RUN_MANIFEST = "_manifest.json"  # written last: a run without it is never read
+
+
+def is_committed(run: str) -> bool:
+    return storage.exists(storage.join(run, RUN_MANIFEST))
+
+
+def read_manifest(run: str) -> dict:
+    """A committed run's manifest."""
+    return json.loads(storage.read_text(storage.join(run, RUN_MANIFEST)))
+
 
 @dataclass(frozen=True, slots=True)
 class ShardInfo:
@@ -69,4 +81,4 @@ def write_manifest(run_uri: str, manifest: dict, shards: list[ShardInfo]) -> Non
     """The run's commit point: written last, create-only."""
     body = dict(manifest, shards=[asdict(s) for s in shards])
     data = json.dumps(body, indent=2, sort_keys=True).encode()
-    storage.write_atomic(storage.join(run_uri, "_manifest.json"), data, create_only=True)
+    storage.write_atomic(storage.join(run_uri, RUN_MANIFEST), data, create_only=True)

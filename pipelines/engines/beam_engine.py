@@ -33,12 +33,21 @@ from ..core.dedup import (
     plan_order,
     position_of,
     read_occurrences,
-    without_faces,
 )
 from ..core.errors import FatalError
 from ..core.models import FaceModel, load_model
 from ..core.records import ImageResult, RawImage, WorkUnit
-from ..core.run import RunState, Tally, UnitBuffer, finish_run, is_committed, new_run_id, plan_run, run_uri
+from ..core.run import (
+    RunState,
+    Tally,
+    UnitBuffer,
+    finish_run,
+    is_committed,
+    new_run_id,
+    plan_run,
+    read_manifest,
+    run_uri,
+)
 from ..core.stages import analyze_batch, read_error_result
 from ..core.storage import AlreadyExists
 from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require
@@ -93,8 +102,8 @@ def run_job(job: JobConfig, pipeline_args: Sequence[str] = ()) -> RunSummary:
             return RunSummary(run_id, uri, {"run_id": run_id, "counts": {}, "engine": "beam"})
         storage.remove(plan)
         elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
-        return RunSummary(run_id, uri, _manifest(uri), len(state.done), elapsed)
-    return RunSummary(run_id, uri, _manifest(uri))
+        return RunSummary(run_id, uri, read_manifest(uri), len(state.done), elapsed)
+    return RunSummary(run_id, uri, read_manifest(uri))
 
 
 def write_plan(run: str, units: list[PlannedUnit]) -> str:
@@ -111,10 +120,6 @@ def _planned(line: str) -> PlannedUnit:
     ordinal, done = fields.pop("ordinal"), fields.pop("done")
     fields["items"] = tuple(fields["items"])
     return PlannedUnit(WorkUnit(**fields), ordinal, done)
-
-
-def _manifest(uri: str) -> dict:
-    return json.loads(storage.read_text(storage.join(uri, "_manifest.json")))
 
 
 def _run_pipeline(job: JobConfig, run_id: str, plan: str, started: dt.datetime, args: list[str]) -> None:
@@ -226,7 +231,7 @@ class PickOwner(beam.DoFn):
 def _fan_out(element: tuple[list[Occurrence], ImageResult]) -> Iterator[tuple[int, UnitRow]]:
     """The owner (first) gets the faces; every other occurrence the result without them."""
     occurrences, result = element
-    slim = without_faces(result)
+    slim = result.without_faces()
     for i, occ in enumerate(occurrences):
         row = UnitRow(position_of(occ.order), occ.raw, result if i == 0 else slim, owner=i == 0)
         yield ordinal_of(occ.order), row

@@ -17,12 +17,21 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from ..core import storage
 from ..core.config import DecodeConfig, JobConfig, ModelConfig
 from ..core.errors import FatalError
 from ..core.models import FaceModel, load_model
 from ..core.records import ImageResult, RawImage
-from ..core.run import RunState, Tally, UnitBuffer, finish_run, is_committed, new_run_id, plan_run, run_uri
+from ..core.run import (
+    RunState,
+    Tally,
+    UnitBuffer,
+    finish_run,
+    is_committed,
+    new_run_id,
+    plan_run,
+    read_manifest,
+    run_uri,
+)
 from ..core.sources import read_unit
 from ..core.stages import analyze_batch, read_error_result
 from .common import ModelInfo, default_batch_size, manifest_header
@@ -212,21 +221,9 @@ class LocalRun:
         result = batch.future.result()[slot.position]  # a FatalError from a worker ends the job here
         if slot.owner and result.image_sha256:
             self.inflight.pop(result.image_sha256, None)
-            self.state.seen[result.image_sha256] = _without_faces(result)
+            self.state.seen[result.image_sha256] = result.without_faces()
             batch.data[slot.position] = b""  # free the bytes once resolved
         return result
-
-
-def _without_faces(result: ImageResult) -> ImageResult:
-    return ImageResult(
-        result.image_sha256,
-        result.status,
-        result.error_stage,
-        result.error,
-        result.width,
-        result.height,
-        faces=[None] * result.n_faces,  # type: ignore[list-item]  # duplicates need only the count
-    )
 
 
 def run_job(job: JobConfig) -> RunSummary:
@@ -235,7 +232,7 @@ def run_job(job: JobConfig) -> RunSummary:
     run_id = job.run_id or new_run_id()
     uri = run_uri(job.out, run_id)
     if is_committed(uri):
-        manifest = _read_manifest(uri)
+        manifest = read_manifest(uri)
         return RunSummary(run_id, uri, manifest)
     state = plan_run(job, run_id)
     workers = job.workers or os.cpu_count() or 1
@@ -249,9 +246,3 @@ def run_job(job: JobConfig) -> RunSummary:
     body = finish_run(state, manifest_header(job, run_id, "local", info, started))
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     return RunSummary(run_id, uri, body, len(state.done), elapsed, local.analyzed)
-
-
-def _read_manifest(uri: str) -> dict:
-    import json
-
-    return json.loads(storage.read_text(storage.join(uri, "_manifest.json")))

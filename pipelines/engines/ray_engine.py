@@ -19,14 +19,12 @@ a retry never duplicates output. The driver writes the manifest last with ``fini
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import pickle
 from collections.abc import Iterable
 from typing import Any
 
-from ..core import storage
 from ..core.config import DecodeConfig, JobConfig, ModelConfig, RayConfig
 from ..core.dedup import (
     Duplicate,
@@ -47,7 +45,7 @@ from ..core.dedup import (
 from ..core.errors import FatalError
 from ..core.models import load_model
 from ..core.records import ImageResult
-from ..core.run import Tally, finish_run, is_committed, new_run_id, plan_run, run_uri
+from ..core.run import Tally, finish_run, is_committed, new_run_id, plan_run, read_manifest, run_uri
 from ..core.stages import analyze_batch
 from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require
 from .local_engine import RunSummary
@@ -66,7 +64,7 @@ def run_job(job: JobConfig, fault_marker: str | None = None) -> RunSummary:
     run_id = job.run_id or new_run_id()
     uri = run_uri(job.out, run_id)
     if is_committed(uri):
-        return RunSummary(run_id, uri, json.loads(storage.read_text(storage.join(uri, "_manifest.json"))))
+        return RunSummary(run_id, uri, read_manifest(uri))
     ray = require("ray", "ray")
     state = plan_run(job, run_id)
     connected_here = _connect(ray, job)
