@@ -1,6 +1,6 @@
 """Ingest throughput on the shared photos, against baselines run in the same command.
 
-    .venv/bin/python bench/ingest.py [--copies 5] [--naive 24] [--sweep]
+    .venv/bin/python bench/ingest.py [--copies 5] [--naive 24] [--sweep] [--isolation]
 
 The shared photos are replicated (re-encoded, so every copy is new bytes) to --copies x 64
 images in .bench/ingest-photos. Printed, as images/s, faces/s and ratios:
@@ -13,6 +13,7 @@ images in .bench/ingest-photos. Printed, as images/s, faces/s and ratios:
 * bare models: detection and embedding alone over pre-decoded images, to show where time goes.
 
 --sweep also tries detection sizes and reports which find a face in all 64 shared photos.
+--isolation only runs the engine with isolated decoding and without, alternately, twice each.
 """
 
 from __future__ import annotations
@@ -48,11 +49,17 @@ def rate(n_images: int, n_faces: int, seconds: float) -> tuple[float, float]:
     return n_images / seconds, n_faces / seconds
 
 
-def run_engine(folder: Path) -> tuple[int, int, float]:
+def run_engine(folder: Path, isolate: bool = True) -> tuple[int, int, float]:
+    from pipelines.core.config import DecodeConfig as Decode
     from pipelines.engines.local_engine import run_job
 
     out = tempfile.mkdtemp(prefix="bench-ingest-")
-    job = JobConfig(datasets=[DatasetSpec(name="bench", source=str(folder))], out=out, progress=False)
+    job = JobConfig(
+        datasets=[DatasetSpec(name="bench", source=str(folder))],
+        out=out,
+        progress=False,
+        decode=Decode(isolate=isolate),
+    )
     started = time.perf_counter()
     summary = run_job(job)
     seconds = time.perf_counter() - started
@@ -118,6 +125,16 @@ def bare_models(paths: list[Path], config: ModelConfig) -> dict[str, float]:
     }
 
 
+def compare_isolation(folder: Path) -> None:
+    """The engine with decode.isolate on and off, twice each, alternately (the machine's load
+    drifts; alternating spreads the drift over both)."""
+    print(f"\n{'local engine':34s} {'images':>7s} {'faces':>6s} {'seconds':>8s} {'images/s':>9s}")
+    for isolate in (False, True, False, True):
+        n, f, s = run_engine(folder, isolate)
+        name = "isolated decoding" if isolate else "decoding in the pool (no limits)"
+        print(f"{name:34s} {n:7d} {f:6d} {s:8.1f} {n / s:9.2f}", flush=True)
+
+
 def sweep(config: ModelConfig) -> None:
     originals = sorted(FACES.glob("*.jpg"))
     datas = [p.read_bytes() for p in originals]
@@ -144,6 +161,11 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=5, help="copies of each of the 64 photos")
     parser.add_argument("--naive", type=int, default=24, help="images for the slow naive loop")
     parser.add_argument("--sweep", action="store_true", help="also sweep detection sizes")
+    parser.add_argument(
+        "--isolation",
+        action="store_true",
+        help="only compare the engine with isolated decoding (the default) and without, alternately",
+    )
     args = parser.parse_args()
     config = ModelConfig()
     folder = replicate(args.copies)
@@ -154,6 +176,9 @@ def main() -> None:
         f"detect_max_side {config.detect_max_side}"
     )
 
+    if args.isolation:
+        compare_isolation(folder)
+        return
     engine = run_engine(folder)
     careful = careful_loop(paths, config)
     naive_paths = paths[:: max(1, len(paths) // args.naive)][: args.naive]

@@ -2,6 +2,8 @@
 
 Tests of every layer import it: ``write_corpus(folder)`` writes the files and returns one
 ``HostileCase`` per file; ``corpus()`` gives the same cases with their bytes, written nowhere.
+What is hostile as a source rather than as bytes (a gzip bomb of a tar, a symlink loop, a 0-byte
+tar, a server that never answers) has builders of its own at the end.
 Files are 64x48 (or thereabouts) and a few kilobytes at most. Whether an image that decodes has a
 face is not known (none of them has one), so a case says ``decodes``, not a final status:
 an ``images`` row of it has status ``ok`` or ``no_face`` when it decodes, else ``error`` at
@@ -10,9 +12,14 @@ an ``images`` row of it has status ``ok`` or ``no_face`` when it decodes, else `
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import socket
 import struct
+import tarfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,6 +29,8 @@ from PIL import Image
 WIDTH, HEIGHT = 64, 48
 BOMB_SIDE = 50_000  # the PNG that claims 50000x50000
 JPEG_BOMB_SIDE = 60_000  # JPEG sides stop at 65535
+JPEG_MAX_BOMB_SIDE = 65_500
+SCAN_BOMB_SCANS = 3000  # a progressive JPEG with this many scans
 
 # The inverse of what ImageOps.exif_transpose applies for each EXIF orientation.
 _STORE_FOR_ORIENTATION = {
@@ -102,6 +111,11 @@ def _broken() -> list[tuple[HostileCase, bytes]]:
         _bad("truncated.png", "truncated PNG", _truncated_png()),
         _bad("bomb.png", f"image {BOMB_SIDE}x{BOMB_SIDE} exceeds", _png_bomb()),
         _bad("bomb.jpg", f"image {JPEG_BOMB_SIDE}x{JPEG_BOMB_SIDE} exceeds", _jpeg_bomb(jpeg)),
+        _bad(
+            "bomb65500.jpg",
+            f"image {JPEG_MAX_BOMB_SIDE}x{JPEG_MAX_BOMB_SIDE} exceeds",
+            _jpeg_bomb(jpeg, JPEG_MAX_BOMB_SIDE),
+        ),
         _bad("zero.png", "not a valid PNG", png_bytes(0, 0, 8, 0, b"\x00")),
         _bad("garbage.png", "not a valid PNG", b"\x89PNG\r\n\x1a\n" + b"?" * 64),
     ]
@@ -217,10 +231,10 @@ def _png_bomb() -> bytes:
     return png_bytes(BOMB_SIDE, BOMB_SIDE, 8, 0, bytes(1 + BOMB_SIDE))
 
 
-def _jpeg_bomb(jpeg: bytes) -> bytes:
-    """A real JPEG whose frame header (SOF0) is patched to claim 60000x60000."""
+def _jpeg_bomb(jpeg: bytes, side: int = JPEG_BOMB_SIDE) -> bytes:
+    """A real JPEG whose frame header (SOF0) is patched to claim side x side."""
     sof = jpeg.index(b"\xff\xc0")
-    dims = struct.pack(">HH", JPEG_BOMB_SIDE, JPEG_BOMB_SIDE)  # height, then width
+    dims = struct.pack(">HH", side, side)  # height, then width
     return jpeg[: sof + 5] + dims + jpeg[sof + 9 :]
 
 
@@ -254,3 +268,63 @@ def _encode(im: Image.Image, fmt: str, **options) -> bytes:
     out = io.BytesIO()
     im.save(out, fmt, **options)
     return out.getvalue()
+
+
+def scan_bomb_jpeg(scans: int = SCAN_BOMB_SCANS) -> bytes:
+    """A progressive JPEG whose last scan is repeated until it has ``scans`` scans. Each scan makes
+    a decoder pass over every coefficient again: on a large image, a CPU bomb in a small file.
+    Not in ``corpus()``, whose files stay under 16 KB: 3000 scans take 168 KB."""
+    jpeg = _encode(_gradient(), "JPEG", quality=90, progressive=True)
+    starts = [i for i in range(len(jpeg) - 1) if jpeg[i : i + 2] == b"\xff\xda"]
+    last = jpeg[starts[-1] : -2]  # the last scan: its SOS segment and its data, up to EOI
+    return jpeg[:-2] + last * (scans - len(starts)) + b"\xff\xd9"
+
+
+# ---------------------------------------------------------------- hostile sources
+
+
+def write_gzip_bomb_tar(path: str | Path, member_mb: int = 256) -> int:
+    """A .tar.gz of one member, ``bomb.jpg``, of ``member_mb`` MiB of zeros: about 1 KiB of file
+    per MiB of member. Built without compressing the zeros: after a full flush, deflate starts
+    afresh, so every further MiB of zeros compresses to the same bytes, which are repeated;
+    the gzip trailer (CRC-32, size) is then computed for the whole stream. Returns the file size."""
+    mib = bytes(1 << 20)
+    info = tarfile.TarInfo("bomb.jpg")
+    info.size = (member_mb - 1) << 20  # the last MiB of zeros ends the archive (zero blocks)
+    header = info.tobuf(format=tarfile.USTAR_FORMAT)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip wrapper
+    head = deflate.compress(header) + deflate.flush(zlib.Z_FULL_FLUSH)
+    first = deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH)
+    again = deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH)
+    tail = deflate.flush(zlib.Z_FINISH)[:-8]  # the final empty block, without the trailer
+    crc = zlib.crc32(header)
+    for _ in range(member_mb):
+        crc = zlib.crc32(mib, crc)
+    size = (len(header) + (member_mb << 20)) & 0xFFFFFFFF
+    data = head + first + again * (member_mb - 1) + tail + struct.pack("<II", crc, size)
+    Path(path).write_bytes(data)
+    return len(data)
+
+
+def write_symlink_loops(folder: str | Path) -> list[str]:
+    """``loop.jpg`` linking to itself (listed, since its name says image, and unreadable) and a
+    folder link ``loopdir`` to its own parent (which a walk must not follow). Returns the names
+    that must each become one error row."""
+    folder = Path(folder)
+    os.symlink("loop.jpg", folder / "loop.jpg")
+    os.symlink(".", folder / "loopdir", target_is_directory=True)
+    return ["loop.jpg"]
+
+
+def write_empty_tar(path: str | Path) -> None:
+    Path(path).write_bytes(b"")
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """An http:// URL on 127.0.0.1 whose server accepts connections and never answers: the
+    listening socket completes TCP handshakes from its backlog, and nothing ever reads them."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/face.jpg"

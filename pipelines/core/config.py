@@ -114,6 +114,18 @@ class DecodeConfig(Strict):
     max_pixels: int = Field(
         64_000_000, gt=0, description="reject images with more pixels (read from the header, before decoding)"
     )
+    isolate: bool = Field(
+        True, description="decode in worker processes under the limits below (false: in the engine's process)"
+    )
+    memory_limit_mb: int = Field(
+        4096, ge=0, description="RLIMIT_AS address-space limit of each decoding worker (0: none; GPUs: none)"
+    )
+    timeout_s: float = Field(
+        30.0, ge=0, description="a decode running longer ends its worker and fails that image (0: no limit)"
+    )
+    test_hooks: bool = Field(
+        False, description="tests only: inputs starting FACEAUDIT-TEST-HOOK: crash or hang isolated decoders"
+    )
 
 
 class RayConfig(Strict):
@@ -156,7 +168,16 @@ class JobConfig(Strict):
     )
     workers: int = Field(0, ge=0, description="worker processes (0: one per CPU core)")
     max_in_flight: int = Field(0, ge=0, description="images read but not yet written (0: 8 per worker)")
+    max_error_fraction: float = Field(
+        0.5, ge=0, le=1, description="stop the job, with no manifest, once more images than this have failed"
+    )
+    min_images_for_budget: int = Field(
+        200, ge=1, description="images finished before max_error_fraction applies"
+    )
     progress: bool = True
+    erasure_log: str | None = Field(
+        None, description="erasure log (e.g. <index>/_erasure) whose faces this ingest never writes"
+    )
     ray: RayConfig = Field(default_factory=lambda: RayConfig(), description="the Ray engine's resources")
     beam: BeamConfig = Field(default_factory=lambda: BeamConfig(), description="the Beam engine's options")
 

@@ -13,11 +13,14 @@ What ``decode_image`` guarantees, in order:
 4. Truncated files fail: ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False, and a JPEG must carry its
    end-of-image marker after its first scan.
 5. The EXIF orientation is applied exactly once; width and height are those of the upright image.
-6. Every mode becomes 8-bit RGB. Alpha is composited on white (what a viewer shows; the colour under
+6. A JPEG with more than ``MAX_JPEG_SCANS`` scans is refused before decoding (a CPU bomb).
+7. Every mode becomes 8-bit RGB. Alpha is composited on white (what a viewer shows; the colour under
    a transparent pixel is arbitrary, often black). 16-bit and 32-bit grey is scaled to 8 bits, not
    clipped; CMYK and YCbCr go through Pillow's conversions (embedded ICC profiles are ignored).
 
 Every failure is a ``RecordError("decode", reason)`` with a short reason that never holds pixels.
+What no check here can catch (a crash or a hang inside a C decoder, memory past the limit) is
+contained by the worker process it runs in: see ``isolate.py``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ from .records import DecodedImage
 
 # JPEG, WebP and GIF cannot be wider or taller; a PNG, TIFF or BMP that is, is crafted, not a photo.
 MAX_SIDE = 65_535
+# A camera or encoder writes 1 (baseline) to about 10 scans (progressive). Each scan makes the
+# decoder pass over every coefficient again, so thousands of tiny scans on a large image cost
+# minutes of CPU: libjpeg-turbo's own tools refuse more than 500 (TJPARAM_SCANLIMIT).
+MAX_JPEG_SCANS = 500
 
 # The Pillow plugin that parses each allowed format, and nothing else.
 _OPENERS: dict[str, type[ImageFile.ImageFile]] = {
@@ -82,8 +89,8 @@ def _decode(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
         if im.format != opener.format:
             raise RecordError("decode", f"sniffed {fmt} but Pillow read {im.format}")
         _check_size(im.size, max_pixels)
-        if fmt == "jpeg" and not _jpeg_has_end(data):
-            raise RecordError("decode", "truncated JPEG")
+        if fmt == "jpeg":
+            _check_jpeg(data)
         im.load()  # the current frame, which is the first after opening
         # Recent Pillow's TIFF plugin applies the orientation itself when loading and drops the tag,
         # so this is a no-op there; for every other format (and older Pillow) it is the only time.
@@ -99,6 +106,17 @@ def _check_size(size: tuple[int, int], max_pixels: int) -> None:
         raise RecordError("decode", f"image {width}x{height} has a side over {MAX_SIDE} pixels")
     if min(width, height) < 1:
         raise RecordError("decode", f"image {width}x{height} has no pixels")
+
+
+def _check_jpeg(data: bytes) -> None:
+    if not _jpeg_has_end(data):
+        raise RecordError("decode", "truncated JPEG")
+    scan = _first_scan_offset(data) or 0
+    # 0xFF in entropy-coded data is always followed by 0x00 (stuffed), so each 0xFFDA from the
+    # first scan on starts a scan.
+    scans = data.count(b"\xff\xda", scan)
+    if scans > MAX_JPEG_SCANS:
+        raise RecordError("decode", f"JPEG with {scans} scans (limit {MAX_JPEG_SCANS})")
 
 
 def _jpeg_has_end(data: bytes) -> bool:
@@ -164,6 +182,8 @@ def _describe(exc: Exception, fmt: str) -> str:
     message = str(exc).split("\n", 1)[0][:200]
     if isinstance(exc, OSError) and "truncated" in message:
         return f"truncated {fmt.upper()}"
+    if isinstance(exc, MemoryError):  # past the worker's address-space limit (decode.memory_limit_mb)
+        return "decoder ran out of memory"
     if isinstance(exc, Image.DecompressionBombError):
         return f"image exceeds Pillow's own limit ({message})"
     if isinstance(exc, SyntaxError):  # how Pillow's plugins say the header is not theirs

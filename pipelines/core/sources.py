@@ -22,6 +22,7 @@ Reading never raises for one bad record: a failure becomes ``RawImage(error=reas
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import posixpath
@@ -335,10 +336,20 @@ def _open_tar(uri: str) -> tuple[BinaryIO, tarfile.TarFile]:
     fs, path = storage.url_to_fs(uri)
     raw = fs.open(path, "rb")
     try:
-        return raw, tarfile.open(fileobj=raw, mode="r|*")
+        return raw, tarfile.open(fileobj=_gunzipped(raw), mode="r|*")
     except BaseException:
         raw.close()
         raise
+
+
+def _gunzipped(raw: BinaryIO) -> BinaryIO:
+    """A gzip stream read through GzipFile, which inflates at most what each read asks for.
+    tarfile's own stream mode inflates whole compressed blocks and copies what is left after
+    every read, so skipping a gzip bomb's member costs quadratic time (256 MiB of zeros in a
+    260 KiB .tar.gz: 100 s there, 3 s here)."""
+    magic = raw.read(2)
+    raw.seek(0)
+    return gzip.GzipFile(fileobj=raw, mode="rb") if magic == b"\x1f\x8b" else raw
 
 
 def _tar_members(dataset: str, tar_uri: str, archive: tarfile.TarFile, max_bytes: int) -> Iterator[RawImage]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from . import isolate
 from .config import DecodeConfig
 from .decode import decode_image
 from .errors import RecordError
@@ -24,25 +25,40 @@ def analyze_bytes(data: bytes, model: FaceModel, decode: DecodeConfig) -> ImageR
 def analyze_batch(batch: Sequence[bytes], model: FaceModel, decode: DecodeConfig) -> list[ImageResult]:
     """Each image's result, in order. A bad image becomes an error result; nothing raises but
     a fatal error (which the engine lets end the job)."""
-    results: list[ImageResult] = []
-    decoded: list[tuple[int, DecodedImage]] = []
-    for data in batch:
-        result = ImageResult(image_sha256=hashlib.sha256(data).hexdigest(), status="ok")
-        try:
+    return analyze_decoded([decode_one(data, decode) for data in batch], model)
+
+
+def decode_one(data: bytes, decode: DecodeConfig) -> tuple[ImageResult, DecodedImage | None]:
+    """The image's result so far (an error result if it does not decode) and its pixels.
+
+    In an isolated worker the decode runs under ``decode.timeout_s`` (see ``isolate.guard``)."""
+    result = ImageResult(image_sha256=hashlib.sha256(data).hexdigest(), status="ok")
+    try:
+        with isolate.guard("decode", decode.timeout_s):
+            if decode.test_hooks:
+                isolate.test_hook(data)
             image = decode_image(data, decode.max_pixels)
-        except RecordError as exc:
-            _fail(result, exc)
-        else:
-            result.width, result.height = image.width, image.height
-            decoded.append((len(results), image))
-        results.append(result)
-    for position, faces in _run_model(model, decoded):
-        result = results[position]
-        if isinstance(faces, RecordError):
-            _fail(result, faces)
-        else:
-            result.faces = faces
-            result.status = "ok" if faces else "no_face"
+    except RecordError as exc:
+        _fail(result, exc)
+        return result, None
+    result.width, result.height = image.width, image.height
+    return result, image
+
+
+def analyze_decoded(
+    items: Sequence[tuple[ImageResult, DecodedImage | None]], model: FaceModel
+) -> list[ImageResult]:
+    """Detect and embed the decoded images of ``decode_one``'s pairs; results in order."""
+    results = [result for result, _ in items]
+    decoded = [(i, image) for i, (_, image) in enumerate(items) if image is not None]
+    with isolate.guard("detect", 0):  # marks the stage, so that a crash here is not blamed on decode
+        for position, faces in _run_model(model, decoded):
+            result = results[position]
+            if isinstance(faces, RecordError):
+                _fail(result, faces)
+            else:
+                result.faces = faces
+                result.status = "ok" if faces else "no_face"
     return results
 
 

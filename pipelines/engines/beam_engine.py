@@ -2,7 +2,9 @@
 
     pending units -> Reshuffle -> Read (hash; unreadable records to a dead-letter output)
       -> key by sha256, group: the owner is the least (unit in plan, position) (core.dedup)
-      -> RunInference(FaceModelHandler: load_model once per worker, analyze_batch per batch)
+      -> Decode (in Beam's own subprocess: with_exception_handling(use_subprocess=True, timeout=...),
+         so a decoder that crashes or hangs sends that image to a dead letter, an error row)
+      -> RunInference(FaceModelHandler: load_model once per worker, detect and embed per batch)
       -> fan the result out to every occurrence -> group by unit
       -> Commit (faces then images shard, each a temporary file renamed into place)
       -> Finish (the manifest, once every unit is committed)
@@ -22,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..core import storage
+from ..core import isolate, storage
 from ..core.config import DecodeConfig, HttpConfig, JobConfig, ModelConfig
 from ..core.dedup import (
     Occurrence,
@@ -35,8 +37,9 @@ from ..core.dedup import (
     read_occurrences,
 )
 from ..core.errors import FatalError
+from ..core.faults import checkpoint
 from ..core.models import FaceModel, load_model
-from ..core.records import ImageResult, RawImage, WorkUnit
+from ..core.records import DecodedImage, ImageResult, RawImage, WorkUnit
 from ..core.run import (
     RunState,
     Tally,
@@ -48,7 +51,7 @@ from ..core.run import (
     read_manifest,
     run_uri,
 )
-from ..core.stages import analyze_batch, read_error_result
+from ..core.stages import analyze_decoded, decode_one, read_error_result
 from ..core.storage import AlreadyExists
 from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require
 from .local_engine import RunSummary
@@ -61,6 +64,7 @@ inference = require("apache_beam.ml.inference.base", "beam")
 
 PLAN = "_beam-plan.jsonl"  # the run's units, one JSON line each, read by the pipeline
 UNREADABLE = "unreadable"  # dead letters of the read step: occurrences whose bytes could not be read
+Decoded = tuple[ImageResult, DecodedImage | None]  # decode_one's result: the row so far, the pixels
 UNITS = "units"  # one marker per unit, so that a unit with no readable image still commits
 KNOWN = "known"  # occurrences whose owner was committed by an earlier attempt of the run
 
@@ -171,10 +175,14 @@ def build_pipeline(p, job: JobConfig, run_id: str, plan: str, started: dt.dateti
         | "By image" >> beam.GroupByKey()
         | "Owners" >> beam.ParDo(PickOwner()).with_outputs(KNOWN, main="todo")
     )
-    handler = FaceModelHandler(job.model, job.decode, default_batch_size(job.model, job.beam.max_batch_size))
+    handler = FaceModelHandler(job.model, default_batch_size(job.model, job.beam.max_batch_size))
+    decoded, crashed = owners.todo | "Decode" >> _decode_step(job.decode)
     analysed = (
-        owners.todo
-        | "Analyse" >> inference.RunInference(inference.KeyedModelHandler(handler))
+        (
+            decoded | "Analyse" >> inference.RunInference(inference.KeyedModelHandler(handler)),
+            crashed | "Decode failures" >> beam.Map(_decode_failure, job.decode.timeout_s),
+        )
+        | "Results" >> beam.Flatten()
         | "Fan out" >> beam.FlatMap(_fan_out)
     )
     tallies = (
@@ -237,24 +245,62 @@ def _fan_out(element: tuple[list[Occurrence], ImageResult]) -> Iterator[tuple[in
         yield ordinal_of(occ.order), row
 
 
-class FaceModelHandler(inference.ModelHandler):
-    """RunInference's view of the model interface: load_model once per worker, then
-    analyze_batch (decode, detect, embed; a bad image becomes an error result) per batch."""
+def _decode_step(decode: DecodeConfig):
+    """Decode each owner's bytes; with ``decode.isolate``, in Beam's subprocess under the limits."""
+    step = beam.ParDo(DecodeImage(decode))
+    if not decode.isolate:
+        return step.with_exception_handling()
+    return step.with_exception_handling(use_subprocess=True, timeout=decode.timeout_s or None)
 
-    def __init__(self, model: ModelConfig, decode: DecodeConfig, max_batch_size: int):
+
+class DecodeImage(beam.DoFn):
+    """(occurrences, bytes) -> (occurrences, (result so far, pixels or None)). A bad image is an
+    error result; what kills or hangs the decoder is the dead letter of with_exception_handling."""
+
+    def __init__(self, decode: DecodeConfig):
+        self.decode = decode
+
+    def setup(self) -> None:
+        if self.decode.isolate:  # this runs in Beam's decode subprocess, not in the Beam worker
+            isolate.apply_memory_limit(self.decode.memory_limit_mb, on_top=True)  # it is forked
+            isolate.mark_isolated()
+
+    def process(self, element: tuple[list[Occurrence], bytes]) -> Iterator[Any]:
+        occurrences, data = element
+        yield occurrences, decode_one(data, self.decode)
+
+
+def _decode_failure(dead: tuple, timeout_s: float) -> tuple[list[Occurrence], ImageResult]:
+    """A dead letter of the decode step -> its occurrences and an error result (no bytes kept)."""
+    (occurrences, data), (exc_type, _, _) = dead
+    if issubclass(exc_type, TimeoutError):
+        reason = f"decode timed out after {timeout_s:g} s"
+    elif exc_type.__name__ == "BrokenProcessPool":
+        reason = "decoder crashed or was killed"
+    else:
+        reason = f"decoder failed ({exc_type.__name__})"
+    return occurrences, isolate.died_result(data, isolate.WorkerDied("decode", reason))
+
+
+class FaceModelHandler(inference.ModelHandler):
+    """RunInference's view of the model interface: load_model once per worker, then detect and
+    embed the decoded images of each batch (a bad image becomes an error result)."""
+
+    def __init__(self, model: ModelConfig, max_batch_size: int):
         super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
-        self.model_config, self.decode = model, decode
+        self.model_config = model
 
     def load_model(self) -> FaceModel:
         return load_model(self.model_config)
 
     def run_inference(
-        self, batch: Sequence[bytes], model: FaceModel, inference_args: dict | None = None
+        self, batch: Sequence[Decoded], model: FaceModel, inference_args: dict | None = None
     ) -> Iterable[ImageResult]:
-        return analyze_batch(batch, model, self.decode)
+        checkpoint("analyze.batch")
+        return analyze_decoded(batch, model)
 
-    def get_num_bytes(self, batch: Sequence[bytes]) -> int:
-        return sum(len(data) for data in batch)
+    def get_num_bytes(self, batch: Sequence[Decoded]) -> int:
+        return sum(image.pixels.nbytes for _, image in batch if image is not None)
 
     def get_metrics_namespace(self) -> str:
         return "faceaudit"
@@ -283,9 +329,11 @@ def _finish(tally: Tally, info: ModelInfo, run: str, manifest_args: tuple) -> No
     """The run's commit point, after every unit: fail on a systemic failure, else the manifest."""
     if tally.images and tally.status["error"] == tally.images:
         tally.fail()
+    job, run_id, started = manifest_args
+    # Beam keeps no running count across workers, so the budget is checked on the final one.
+    tally.check_budget(job.max_error_fraction, job.min_images_for_budget)
     if is_committed(run):  # a replayed bundle: the manifest is already there
         return
-    job, run_id, started = manifest_args
     try:
         finish_run(RunState(run, [], []), manifest_header(job, run_id, "beam", info, started))
     except AlreadyExists:
