@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from . import storage
+from . import erasure, orphans, storage
 from .config import JobConfig
 from .errors import FatalError
+from .faults import checkpoint
 from .records import ImageResult, RawImage, WorkUnit
 from .sources import plan_units
 from .stages import face_rows, image_row, result_from_image_row
@@ -59,13 +60,14 @@ class RunState:
 
 def plan_run(job: JobConfig, run_id: str) -> RunState:
     uri = run_uri(job.out, run_id)
-    storage.remove_tmp_files(uri)  # left by a crashed attempt; they may hold biometric data
+    erasure.point_run(uri, job.erasure_log)  # every worker that commits here honours that log
     committed = set(storage.listdir(storage.join(uri, "images")))
     pending, done = [], []
     for spec in job.datasets:
         for unit in plan_units(spec, job.images_per_shard):
             (done if f"part-{part_name(unit)}.parquet" in committed else pending).append(unit)
     state = RunState(uri, pending, done)
+    orphans.clean_run(uri, {f"part-{part_name(u)}.parquet" for u in pending + done})  # crashes' leftovers
     for unit in done:
         _remember_committed(state, unit)
     return state
@@ -106,6 +108,7 @@ class UnitBuffer:
     def commit(self, run: str) -> list[ShardInfo]:
         part = part_name(self.unit)
         faces = commit_table(run, "faces", part, faces_table(self.face_rows, self.dim))
+        checkpoint("unit.after_faces_shard")
         images = commit_table(run, "images", part, images_table(self.image_rows))  # the unit's commit mark
         return [faces, images]
 
@@ -137,6 +140,19 @@ class Tally:
         if self.images >= min_images and self.status["error"] == self.images:
             self.fail()
 
+    def check_budget(self, max_error_fraction: float, min_images: int) -> None:
+        """Past the run's failure budget the job stops: quarantining most of a data set as errors
+        means something is wrong with the job (or the source), and the operator should look."""
+        errors = self.status["error"]
+        if self.images >= min_images and errors > max_error_fraction * self.images:
+            raise FatalError(
+                f"{errors} of {self.images} images failed, more than max_error_fraction "
+                f"({max_error_fraction:g}); no manifest was written; most common reasons: {self._top()}"
+            )
+
+    def _top(self) -> str:
+        return "; ".join(f"{reason} (x{n})" for reason, n in self.reasons.most_common(3))
+
     def fail(self) -> None:
         top = "; ".join(f"{reason} (x{n})" for reason, n in self.reasons.most_common(3))
         raise FatalError(f"every one of {self.images} images failed; most common reasons: {top}")
@@ -144,6 +160,7 @@ class Tally:
 
 def finish_run(state: RunState, manifest: dict) -> dict:
     """List every committed shard, count, and write the manifest (the run's commit point)."""
+    orphans.remove_tmp(state.uri)  # of workers killed during this attempt (their units were redone)
     shards = []
     for table in ("faces", "images"):
         for name in storage.listdir(storage.join(state.uri, table)):
@@ -154,6 +171,7 @@ def finish_run(state: RunState, manifest: dict) -> dict:
         raise FatalError(f"every one of {counts['images']} images failed; no manifest was written")
     body = dict(manifest, format=RUN_FORMAT, counts=counts)
     body["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    checkpoint("run.before_manifest")
     write_manifest(state.uri, body, shards)
     return body
 

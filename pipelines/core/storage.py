@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .faults import checkpoint
+
 TMP_MARK = ".tmp-"
 GCS_SCHEMES = ("gs://", "gcs://")
 ABSENT = "absent"  # the version token of a local object that does not exist
@@ -114,6 +116,16 @@ def remove(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def purge_history(uri: str) -> int:
+    """Delete the noncurrent versions a versioned bucket keeps of ``uri`` (a replaced or removed
+    object); the live version, if any, stays. Local files keep no history: 0."""
+    if not is_gcs(uri):
+        return 0
+    from . import gcs
+
+    return gcs.purge_noncurrent(uri)
+
+
 def write_atomic(uri: str, data: bytes, create_only: bool = False) -> None:
     """Write ``data`` to ``uri`` so that readers see either nothing or all of it.
 
@@ -144,6 +156,7 @@ def _write_local(path: str, data: bytes, create_only: bool) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    checkpoint("storage.before_rename")
     try:
         if create_only:
             try:
