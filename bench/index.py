@@ -141,7 +141,8 @@ def child_ours(args, work: Path, dim: int) -> dict:
     return {"dim": dim, "system": "faceaudit", "build_s": built, "peak_mb": peak,
             "ram_bytes_per_vector": index_bytes / n, "mapped_bytes_per_vector": mapped / n,
             "rss_anon_bytes_per_vector": (rss("RssAnon") - anon0) / n,
-            **recalls(found, keys, work), "qps": qps, "index": f"{m['factory']} nprobe {m['nprobe']}",
+            **recalls(found, keys, work), "qps": qps,
+            "index": f"{m['factory']} nprobe {m['nprobe']} re-rank x{m['rerank_factor']}",
             "build_recall_at_10": m["recall"]["at_10"], "gpu": m["built_on_gpu"]}
 
 

@@ -8,7 +8,7 @@ import pytest
 from indexing import bundle
 from indexing.errors import IntegrityError
 from indexing.params import ID_BYTES, choose_plan, code_bytes, nlist_for, pq_m_for
-from indexing.recall import drop_self, merge_topk, recall_at
+from indexing.recall import drop_self, merge_topk, recall_at, rerank_factors, tune_nprobe_and_depth
 from pipelines.core.errors import ConfigError
 
 
@@ -85,3 +85,39 @@ def test_occurrences_fall_back_to_the_faces_row():
         [{"dataset": "d2", "source_uri": "u-c"}],  # "c" is in no images table: its own row
     ]
     assert occurrence_lists(meta.slice(0, 2), found).to_pylist()[1][1]["dataset"] == "d3"
+
+
+@pytest.mark.parametrize("first,largest", [(1, 1), (10, 80), (10, 10), (10, 100), (3, 7), (40, 20)])
+def test_rerank_factors_double_up_to_the_largest(first, largest):
+    factors = rerank_factors(first, largest)
+    assert factors[0] == first
+    assert factors[-1] == max(first, largest)
+    assert all(b == 2 * a for a, b in zip(factors[:-2], factors[1:-1], strict=True))
+    assert factors == sorted(set(factors))
+
+
+def _depth_search(truth: np.ndarray, found_share):
+    """A search whose recall@10 is found_share(nprobe, factor): that many true ids, then misses."""
+    def search(x, k, nprobe, factor):
+        keep = int(round(10 * found_share(nprobe, factor)))
+        out = np.full((len(x), k), -1, dtype=np.int64)
+        out[:, 0] = np.arange(len(x))  # each query's own id, dropped by the measurement
+        out[:, 1:1 + keep] = truth[:, :keep]
+        return out
+    return search
+
+
+def test_rerank_depth_grows_only_until_every_list_reaches_the_target():
+    n, nlist = 50, 64
+    truth = np.arange(1000, 1000 + n * 10).reshape(n, 10)
+    self_ids = np.arange(n)
+    # recall rises with nprobe up to a ceiling set by the re-rank depth: 0.8 at x10, 0.9 at x20, 1.0 at x40
+    ceiling = {10: 0.8, 20: 0.9, 40: 1.0, 80: 1.0}
+    search = _depth_search(truth, lambda p, f: min(ceiling[f], p / 8))
+    report = tune_nprobe_and_depth(search, np.zeros((n, 4)), self_ids, truth, nlist, 0.95, [10, 20, 40, 80])
+    assert report.rerank_factor == 40 and report.nprobe == 8 and report.recall_at_10 == 1.0
+    assert [t["rerank_factor"] for t in report.tried[:2]] == [10, 20]  # one full-probe check each
+    # a target no depth reaches: the last factor is tuned anyway and reported as missed
+    search = _depth_search(truth, lambda p, f: min(0.5, p / 8))
+    report = tune_nprobe_and_depth(search, np.zeros((n, 4)), self_ids, truth, nlist, 0.95, [10, 20])
+    assert report.rerank_factor == 20 and report.nprobe == nlist and report.recall_at_10 == 0.5
