@@ -1,17 +1,19 @@
 """``build_index``: committed runs in, a verified index bundle out (after autofaiss's distributed build).
 
-Passes over the faces shards, each reading record batches (memory bounded by a batch and one
-output shard, never the collection):
+The driver makes every decision; the per-shard work is one pure function that any engine runs:
 
-1. face_id column only: check every shard's sha256 and model, and find each face_id's first row
-   (duplicates across runs are dropped).
-2. embeddings of a seeded random sample: the training set and disjoint held-out queries.
-3. train once, then add every kept row, batch by batch, into a copy of the trained index with its
-   global face_id; each copy becomes one bundle shard once it holds ``vectors_per_shard``. The same
-   pass keeps the exact top-k of the held-out queries for the recall measurement.
+1. face_id column only: check every faces shard's sha256 and model, find each face_id's first row
+   (duplicates across runs are dropped) and keep 64 bits of its image's sha256.
+2. embeddings of a seeded random sample: the training set and disjoint held-out queries; train once.
+3. one pass over the images shards (each checked against its sha256): every occurrence of an
+   indexed image is routed to the bundle shards that hold its faces (a spill file per shard).
+4. bundle shard k is kept rows ``[k*V, (k+1)*V)``: ``build_shard`` adds them with their global
+   face_ids into a copy of the trained index and commits the shard's files, and returns their
+   entries and the exact top-k of the held-out queries over its rows. The local engine runs the
+   shards here in order; ``build_ray`` and ``build_beam`` run them as Ray tasks / Beam workers.
 
-Then nprobe is tuned on the written shards against that exact top-k, the manifest is written last
-and CURRENT moved.
+Then nprobe is tuned on the written shards against the merged exact top-k, the manifest is written
+last and CURRENT moved. Memory is bounded by a record batch and one shard, never the collection.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from typing import BinaryIO
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 
 import faiss
 import numpy as np
@@ -30,19 +33,33 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.core import storage
+from pipelines import garbage
+from pipelines.core import erasure, orphans, storage
 from pipelines.core.errors import ConfigError
+from pipelines.core.faults import checkpoint
 
 from . import bundle, gpu
 from . import runs as runsmod
 from .params import FLAT_MAX, IndexPlan, choose_plan
-from .recall import ExactTopK, RecallReport, drop_self, measure, tune_nprobe
+from .recall import (
+    ExactTopK,
+    RecallReport,
+    drop_self,
+    measure,
+    merge_topk,
+    rerank_factors,
+    tune_nprobe,
+    tune_nprobe_and_depth,
+)
 from .runs import META_COLUMNS, Run, Shard
 from .search import Index
 
 METADATA_ROW_GROUP = 4096
 KMEANS_ITERATIONS = 10
+TOP_K = 11  # exact neighbours kept per held-out query: its own face plus 10
+BUILD_DIR = "_build"  # per-build scratch inside the version folder (occurrence spills), removed at the end
 OCCURRENCE = pa.struct([("dataset", pa.string()), ("source_uri", pa.string())])
+OCCURRENCE_COLUMNS = ["image_sha256", "dataset", "source_uri"]
 
 
 @dataclass(slots=True)
@@ -52,7 +69,7 @@ class BuildOptions:
     max_bytes_per_vector: int | None = None  # RAM per vector (codes + id); None: no budget
     opq: bool = False
     rerank: bool = True  # exact re-ranking from an on-disk float16 store (PQ only)
-    rerank_factor: int = 10  # candidates per wanted hit that are re-ranked
+    rerank_factor: int = 10  # candidates per wanted hit that are re-ranked (the first factor tried)
     on_disk: bool = False  # inverted lists in a memory-mapped .ivfdata file (IVF only)
     target_recall: float = 0.95
     vectors_per_shard: int = 1_000_000
@@ -62,19 +79,60 @@ class BuildOptions:
     flat_max: int = FLAT_MAX
     nlist: int | None = None
     threads: int | None = None
+    max_rerank_factor: int = 80  # the re-rank factor doubles up to this while recall misses the target
+    erasure_log: str | None = None  # default: <out>/_erasure; faces it names are never indexed
 
 
 @dataclass(slots=True)
 class Inputs:
-    """The faces shards in read order and, per shard, which rows survive de-duplication."""
+    """The faces shards in read order and, per shard, which rows survive de-duplication and 64 bits
+    of each row's image sha256 (to route occurrences to bundle shards)."""
 
     shards: list[Shard]
     keep: list[np.ndarray]
+    keys: list[np.ndarray]
     rows: int
+    erased: int = 0  # rows an erasure log names (docs/erasure.md)
 
     @property
     def unique(self) -> int:
         return int(sum(int(k.sum()) for k in self.keep))
+
+
+@dataclass(slots=True)
+class Piece:
+    """The rows of one faces shard that go into one bundle shard (row numbers in the file, sorted)."""
+
+    shard: Shard
+    rows: np.ndarray
+
+
+@dataclass(slots=True)
+class ShardTask:
+    """Everything bundle shard ``k`` needs besides the trained index and the queries; picklable."""
+
+    k: int
+    folder: str  # the version folder (local or gs://) the shard's files are committed to
+    pieces: list[Piece]
+    occurrences: str  # parquet of the occurrences of this shard's images (a superset)
+    rerank: bool
+    on_disk: bool
+    dim: int
+    use_gpu: bool
+
+
+@dataclass(slots=True)
+class ShardResult:
+    """A written shard: its manifest entry and the exact top-k of the queries over its rows."""
+
+    entry: dict
+    scores: np.ndarray
+    ids: np.ndarray
+
+
+# Runs every task with the trained index (faiss.serialize_index bytes) and the queries; returns
+# the results in task order. The local runner is below; build_ray and build_beam provide others.
+ShardRunner = Callable[[list[ShardTask], bytes, np.ndarray], list[ShardResult]]
 
 
 class Stopwatch:
@@ -98,21 +156,18 @@ class BuildResult:
     seconds: float
 
 
-@dataclass(slots=True)
-class ShardOut:
-    """The rows added to the shard being filled."""
-
-    index: faiss.Index
-    ids: list[np.ndarray] = field(default_factory=list)
-    meta: list[pa.Table] = field(default_factory=list)
-    f16: BinaryIO | None = None  # float16 rows, in add order
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
+def run_local(tasks: list[ShardTask], trained: bytes, queries: np.ndarray) -> list[ShardResult]:
+    """The local engine: every shard in this process, one after another."""
+    return [build_shard(task, trained, queries) for task in tasks]
 
 
-def build_index(run_uris: list[str], out: str, options: BuildOptions | None = None) -> BuildResult:
+def build_index(run_uris: list[str], out: str, options: BuildOptions | None = None,
+                runner: ShardRunner | None = None) -> BuildResult:
+    """Build a new version under ``out`` from the committed runs and point CURRENT at it.
+
+    ``runner`` runs the per-shard adds (default: here, in order). Every runner gives the same
+    files, so the engine is not part of the version's input digest.
+    """
     opts = options or BuildOptions()
     started = time.time()
     if opts.threads:
@@ -120,7 +175,7 @@ def build_index(run_uris: list[str], out: str, options: BuildOptions | None = No
     watch = Stopwatch()
     runs = runsmod.find_runs(run_uris)
     model_id, dim = runsmod.check_same_model(runs)
-    inputs = scan_ids(runs, model_id)
+    inputs = scan_ids(runs, model_id, erasure.load(opts.erasure_log or erasure.default_log(out)))
     watch.lap("scan_ids")
     if inputs.unique == 0:
         raise ConfigError("the runs hold no faces; nothing to index")
@@ -128,63 +183,74 @@ def build_index(run_uris: list[str], out: str, options: BuildOptions | None = No
                        opts.flat_max, opts.nlist, opts.on_disk)
     use_gpu = gpu.wanted(opts.use_gpu)
     version = bundle.new_version(input_digest(runs, opts))
-    if storage.exists(storage.join(out, version, bundle.MANIFEST)):
-        raise ConfigError(f"{storage.join(out, version)} already exists; build again in a second")
-    with tempfile.TemporaryDirectory(prefix="faceaudit-index-") as tmp:
-        staging = storage.url_to_fs(storage.join(out, version))[1] if storage.is_local(out) else tmp
-        os.makedirs(os.path.join(staging, "metadata"), exist_ok=True)
-        os.makedirs(os.path.join(staging, "store"), exist_ok=True)
-        body = build_into(staging, runs, inputs, plan, opts, use_gpu, model_id, dim, watch)
+    folder = storage.join(out, version)
+    if storage.exists(storage.join(folder, bundle.MANIFEST)):
+        raise ConfigError(f"{folder} already exists; build again in a second")
+    garbage.clean_unpublished(out)  # what killed builds left (it holds embeddings)
+    with orphans.in_progress(folder):  # the next build and `faceaudit gc` leave a live build alone
+        body = build_into(folder, runs, inputs, plan, opts, use_gpu, model_id, dim, runner or run_local,
+                          watch)
         body.update(version=version, created_at=iso_now(), build_seconds=round(time.time() - started, 1),
                     built_on_gpu=use_gpu, build_phases=watch.laps)
-        folder = bundle.publish(staging, out, version, body)
+        commit_bundle(out, version, body)
     return BuildResult(folder, version, body, time.time() - started)
 
 
-def build_into(staging: str, runs: list[Run], inputs: Inputs, plan: IndexPlan, opts: BuildOptions,
-               use_gpu: bool, model_id: str, dim: int, watch: Stopwatch) -> dict:
-    rng = np.random.default_rng(opts.seed)
-    n = inputs.unique
-    n_queries = min(opts.recall_queries, max(1, n // 10))
-    picks = rng.permutation(n)
-    query_pos = np.sort(picks[:n_queries])
-    train_pos = np.sort(picks[n_queries : n_queries + plan.train_size]) if plan.train_size else query_pos[:0]
-    sample = read_positions(inputs, np.concatenate([query_pos, train_pos]), dim)
-    queries, query_ids = sample[0][:n_queries], sample[1][:n_queries]
-    watch.lap("read_sample")
-    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        # k-means is most of a build's time; pin faiss 1.15's default of 10 iterations across versions
-        ivf.cp.niter = KMEANS_ITERATIONS
-    if not index.is_trained:
-        gpu.train(index, sample[0][n_queries:], use_gpu)
+def build_into(folder: str, runs: list[Run], inputs: Inputs, plan: IndexPlan, opts: BuildOptions,
+               use_gpu: bool, model_id: str, dim: int, runner: ShardRunner, watch: Stopwatch) -> dict:
+    queries, query_ids, trained = train(inputs, plan, opts, use_gpu, dim)
     watch.lap("train")
-    truth = ExactTopK(queries, 11)
-    shards = add_all(staging, runs, inputs, index, plan, opts, truth, use_gpu, dim, watch)
-    report = measure_recall(staging, shards, plan, opts, queries, query_ids, truth, model_id, dim)
+    bounds = shard_bounds(inputs.unique, opts.vectors_per_shard)
+    spills = spill_occurrences(runs, inputs, bounds, folder)
+    watch.lap("route_occurrences")
+    tasks = [ShardTask(k, folder, pieces_for(inputs, lo, hi), spills[k], plan.rerank, opts.on_disk, dim,
+                       use_gpu) for k, (lo, hi) in enumerate(bounds)]
+    results = runner(tasks, trained, queries)
+    watch.lap("add_shards")
+    storage.remove(storage.join(folder, BUILD_DIR))
+    shards = [r.entry for r in results]
+    truth = merged_top_k(queries, results)
+    report = measure_recall(folder, shards, plan, opts, queries, query_ids, truth, model_id, dim)
     watch.lap("tune_nprobe")
-    body = manifest_body(runs, inputs, plan, opts, shards, report, model_id, dim)
-    watch.lap("summary")
-    return body
+    return manifest_body(runs, inputs, plan, opts, shards, report, model_id, dim)
 
 
-def scan_ids(runs: list[Run], model_id: str) -> Inputs:
-    """Pass 1: verify shards, read face_ids, keep each face_id's first row in run/shard order."""
+def commit_bundle(out: str, version: str, body: dict) -> None:
+    """The shards are committed already: write the manifest last (create-only), then move CURRENT."""
+    checkpoint("index.before_manifest")
+    storage.write_atomic(storage.join(out, version, bundle.MANIFEST), bundle.seal(body), create_only=True)
+    checkpoint("index.before_current")
+    bundle.move_current(out, version)
+
+
+# ---------------------------------------------------------------- driver: scan, sample, train
+
+
+def scan_ids(runs: list[Run], model_id: str, erased: erasure.ErasureSet = erasure.EMPTY) -> Inputs:
+    """Pass 1: verify shards, read face_ids, keep each face_id's first row in run/shard order,
+    unless an erasure log names the face."""
     shards = [s for r in runs for s in r.faces]
-    per_shard = []
+    per_shard, keys, gone = [], [], []
     for shard in shards:
         runsmod.verify_shard(shard)
-        ids = []
-        for batch in runsmod.iter_batches(shard, ["face_id", "model_id"]):
+        ids, shas = [], []
+        for batch in runsmod.iter_batches(shard, ["face_id", "model_id", "image_sha256"]):
             runsmod.check_batch_model(batch, model_id, shard)
             ids.append(batch.column(0).to_numpy())
+            shas.append(runsmod.sha_keys(batch.column(2), shard.uri))
+            if erased:
+                shas_of_rows = batch.column(2).to_pylist() if erased.whole_images else None
+                gone.append(erased.mask(ids[-1], shas_of_rows))
         per_shard.append(np.concatenate(ids) if ids else np.zeros(0, np.int64))
+        keys.append(np.concatenate(shas) if shas else np.zeros(0, np.uint64))
     all_ids = np.concatenate(per_shard) if per_shard else np.zeros(0, np.int64)
     keep = np.zeros(len(all_ids), dtype=bool)
     keep[np.unique(all_ids, return_index=True)[1]] = True
-    bounds = np.cumsum([0, *[len(a) for a in per_shard]])
-    return Inputs(shards, [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)], len(all_ids))
+    erased_rows = np.concatenate(gone) if gone else np.zeros(len(all_ids), dtype=bool)
+    keep &= ~erased_rows
+    cuts = np.cumsum([0, *[len(a) for a in per_shard]])
+    return Inputs(shards, [keep[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)], keys, len(all_ids),
+                  int(erased_rows.sum()))
 
 
 def kept_batches(inputs: Inputs, columns: list[str]):
@@ -217,60 +283,194 @@ def read_positions(inputs: Inputs, positions: np.ndarray, dim: int) -> tuple[np.
     return vecs, ids
 
 
-def add_all(staging: str, runs: list[Run], inputs: Inputs, trained: faiss.Index, plan: IndexPlan,
-            opts: BuildOptions, truth: ExactTopK, use_gpu: bool, dim: int,
-            watch: Stopwatch) -> list[dict]:
-    """Pass 3: add every kept row into copies of the trained index, one copy per bundle shard."""
-    template = faiss.serialize_index(trained)
-    shards: list[dict] = []
-    current: ShardOut | None = None
-    for _, batch in kept_batches(inputs, [*META_COLUMNS, "embedding"]):
-        if current is None:
-            current = new_shard(template, staging, len(shards), plan)
-        vectors = runsmod.embeddings(batch, dim)
-        ids = batch.column(0).to_numpy()
-        watch.lap("read")
-        with gpu.gpu_quantizer(current.index, use_gpu):
-            current.index.add_with_ids(vectors, ids)
-        watch.lap("add")
-        truth.update(vectors, ids)
-        watch.lap("exact_top_k")
-        current.ids.append(ids)
-        current.meta.append(pa.Table.from_batches([batch.drop_columns(["embedding"])]))
-        if current.f16 is not None:
-            current.f16.write(vectors.astype(np.float16).tobytes())
-        if current.ntotal >= opts.vectors_per_shard:
-            shards.append(finish_shard(staging, len(shards), current, runs, opts, dim))
-            current = None
-        watch.lap("write_shards")
-    if current is not None:
-        shards.append(finish_shard(staging, len(shards), current, runs, opts, dim))
-    watch.lap("write_shards")
-    return shards
+def train(inputs: Inputs, plan: IndexPlan, opts: BuildOptions, use_gpu: bool,
+          dim: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """(held-out queries, their face_ids, the trained empty index serialised), from a seeded sample."""
+    rng = np.random.default_rng(opts.seed)
+    n = inputs.unique
+    n_queries = min(opts.recall_queries, max(1, n // 10))
+    picks = rng.permutation(n)
+    query_pos = np.sort(picks[:n_queries])
+    train_pos = np.sort(picks[n_queries : n_queries + plan.train_size]) if plan.train_size else query_pos[:0]
+    sample = read_positions(inputs, np.concatenate([query_pos, train_pos]), dim)
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        # k-means is most of a build's time; pin faiss 1.15's default of 10 iterations across versions
+        ivf.cp.niter = KMEANS_ITERATIONS
+    if not index.is_trained:
+        gpu.train(index, sample[0][n_queries:], use_gpu)
+    return sample[0][:n_queries], sample[1][:n_queries], faiss.serialize_index(index).tobytes()
 
 
-def new_shard(template, staging: str, k: int, plan: IndexPlan) -> ShardOut:
-    out = ShardOut(faiss.deserialize_index(template))
-    if plan.rerank:
-        out.f16 = open(os.path.join(staging, "store", f".vectors-{k}.f16"), "wb")  # noqa: SIM115
-    return out
+def shard_bounds(n: int, per_shard: int) -> list[tuple[int, int]]:
+    """Bundle shard k holds kept rows [k*per_shard, (k+1)*per_shard): fixed by n alone, whatever runs them."""
+    return [(lo, min(lo + per_shard, n)) for lo in range(0, n, per_shard)]
 
 
-def finish_shard(staging: str, k: int, shard: ShardOut, runs: list[Run], opts: BuildOptions,
-                 dim: int) -> dict:
-    """Write shard k: the FAISS index (in RAM or on-disk lists), sorted ids, metadata, f16 store."""
-    ids = np.concatenate(shard.ids)
+def pieces_for(inputs: Inputs, lo: int, hi: int) -> list[Piece]:
+    """The faces-shard rows that are kept rows [lo, hi), in build order."""
+    pieces, offset = [], 0
+    for shard, keep in zip(inputs.shards, inputs.keep, strict=True):
+        kept = np.flatnonzero(keep)
+        a, b = max(lo - offset, 0), min(hi - offset, len(kept))
+        if a < b:
+            pieces.append(Piece(shard, kept[a:b]))
+        offset += len(kept)
+    return pieces
+
+
+# ---------------------------------------------------------------- driver: route occurrences
+
+
+def spill_occurrences(runs: list[Run], inputs: Inputs, bounds: list[tuple[int, int]],
+                      folder: str) -> list[str]:
+    """One pass over the images shards: each occurrence of an indexed image goes to the spill file of
+    every bundle shard holding one of its faces. Returns the spills' URIs, one per shard.
+
+    Images are matched on 64 bits of their sha256: a collision only adds a row that the shard's
+    exact match on the full sha256 drops. Memory: 24 bytes per kept face, plus one batch.
+    """
+    keys = np.concatenate([k[m] for k, m in zip(inputs.keys, inputs.keep, strict=True)])
+    shard_of = np.zeros(len(keys), dtype=np.int64)
+    for k, (lo, hi) in enumerate(bounds):
+        shard_of[lo:hi] = k
+    order = np.lexsort((shard_of, keys))
+    keys, shard_of = keys[order], shard_of[order]
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = (keys[1:] != keys[:-1]) | (shard_of[1:] != shard_of[:-1])
+    keys, shard_of = keys[first], shard_of[first]
+    local_dir = tempfile.mkdtemp(prefix="faceaudit-occurrences-")
+    try:
+        paths = write_spills(runs, keys, shard_of, len(bounds), local_dir)
+        return [publish_spill(path, folder) for path in paths]
+    finally:
+        shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def write_spills(runs: list[Run], keys: np.ndarray, shard_of: np.ndarray, n_shards: int,
+                 local_dir: str) -> list[str]:
+    schema = pa.schema([(c, pa.string()) for c in OCCURRENCE_COLUMNS])
+    paths = [os.path.join(local_dir, f"occurrences-{k}.parquet") for k in range(n_shards)]
+    writers = [pq.ParquetWriter(p, schema, compression="zstd") for p in paths]
+    try:
+        for batch in runsmod.image_batches(runs, OCCURRENCE_COLUMNS):
+            batch = batch.filter(pc.is_valid(batch.column(0)))
+            batch_keys = runsmod.sha_keys(batch.column(0), "an images shard")
+            lo = np.searchsorted(keys, batch_keys, side="left")
+            hi = np.searchsorted(keys, batch_keys, side="right")
+            counts = hi - lo
+            rows = np.repeat(np.arange(len(batch_keys)), counts)
+            # the matching entries lo..hi-1 of each row, flattened: lo repeated, plus 0, 1, ... within a row
+            within = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+            targets = shard_of[np.repeat(lo, counts) + within]
+            for k in np.unique(targets):
+                rows_k = batch.take(pa.array(rows[targets == k]))
+                writers[k].write_table(pa.Table.from_batches([rows_k], schema))
+    finally:
+        for w in writers:
+            w.close()
+    return paths
+
+
+def publish_spill(path: str, folder: str) -> str:
+    uri = storage.join(folder, BUILD_DIR, os.path.basename(path))
+    if storage.is_local(uri):
+        target = storage.url_to_fs(uri)[1]
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(path, target)
+    else:
+        fs, remote = storage.url_to_fs(uri)
+        fs.put_file(path, remote)
+    return uri
+
+
+# ---------------------------------------------------------------- one shard (any engine)
+
+
+def build_shard(task: ShardTask, trained: bytes, queries: np.ndarray) -> ShardResult:
+    """Add the shard's rows into a copy of the trained index; commit its faiss file, sorted ids,
+    metadata and float16 store. Pure in its inputs: a retry writes the same bytes to the same names."""
+    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    truth = ExactTopK(queries, TOP_K)
+    scratch = scratch_dir(task.folder, task.k)
+    try:
+        ids, meta = [], []
+        raw = os.path.join(scratch, "vectors.f16")
+        with open(raw, "wb") as f16:
+            for batch in piece_batches(task.pieces, [*META_COLUMNS, "embedding"]):
+                vectors = runsmod.embeddings(batch, task.dim)
+                batch_ids = batch.column(0).to_numpy()
+                with gpu.gpu_quantizer(index, task.use_gpu):
+                    index.add_with_ids(vectors, batch_ids)
+                truth.update(vectors, batch_ids)
+                ids.append(batch_ids)
+                meta.append(pa.Table.from_batches([batch.drop_columns(["embedding"])]))
+                if task.rerank:
+                    f16.write(vectors.astype(np.float16).tobytes())
+        entry = write_shard_files(scratch, task, index, np.concatenate(ids), pa.concat_tables(meta), raw)
+        commit_files(scratch, task.folder, entry)
+        checkpoint("index.shard_written")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return ShardResult(entry, truth.scores, truth.ids)
+
+
+def piece_batches(pieces: list[Piece], columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The pieces' rows, in order, as record batches."""
+    for piece in pieces:
+        start = 0
+        for batch in runsmod.iter_batches(piece.shard, columns):
+            lo, hi = np.searchsorted(piece.rows, [start, start + batch.num_rows])
+            if hi > lo:
+                yield batch.take(pa.array(piece.rows[lo:hi] - start))
+            start += batch.num_rows
+            if hi == len(piece.rows):
+                break
+
+
+def scratch_dir(folder: str, k: int) -> str:
+    """Where a shard's files are written before their commit: beside the bundle when it is local
+    (so the commit is a rename), else a local temporary folder (the commit is an upload)."""
+    if storage.is_local(folder):
+        path = storage.url_to_fs(folder)[1]
+        os.makedirs(path, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f".shard-{k}{storage.TMP_MARK}", dir=path)
+    return tempfile.mkdtemp(prefix=f"faceaudit-shard-{k}-")
+
+
+def write_shard_files(scratch: str, task: ShardTask, index: faiss.Index, ids: np.ndarray, meta: pa.Table,
+                      raw_f16: str) -> dict:
+    """Shard k's files in ``scratch``: the FAISS index (in RAM or on-disk lists), sorted ids,
+    metadata and the float16 store; returns the shard's manifest entry."""
+    k = task.k
+    os.makedirs(os.path.join(scratch, "metadata"), exist_ok=True)
+    os.makedirs(os.path.join(scratch, "store"), exist_ok=True)
     order = np.argsort(ids, kind="stable")
     entry: dict = {"shard": k, "ntotal": int(len(ids))}
-    entry.update(write_faiss(staging, k, shard.index, opts.on_disk))
+    entry.update(write_faiss(scratch, k, index, task.on_disk))
     name = f"store/ids-{k}.npy"
-    np.save(os.path.join(staging, name), ids[order])
-    entry["ids"] = bundle.file_entry(staging, name)
-    entry["metadata"] = write_metadata(staging, k, pa.concat_tables(shard.meta).take(pa.array(order)), runs)
-    if shard.f16 is not None:
-        shard.f16.close()
-        entry["vectors"] = write_f16_sorted(staging, k, order, dim)
+    np.save(os.path.join(scratch, name), ids[order])
+    entry["ids"] = bundle.file_entry(scratch, name)
+    found = read_occurrences(task.occurrences, meta.column("image_sha256"))
+    entry["metadata"] = write_metadata(scratch, k, meta.take(pa.array(order)), found)
+    if task.rerank:
+        entry["vectors"] = write_f16_sorted(scratch, k, raw_f16, order, task.dim)
     return entry
+
+
+def commit_files(scratch: str, folder: str, entry: dict) -> None:
+    """Move each written file into the version folder whole: a rename locally, one upload on GCS."""
+    for item in bundle.bundle_files({"shards": [entry]}):
+        source = os.path.join(scratch, item["file"])
+        target = storage.join(folder, item["file"])
+        if storage.is_local(target):
+            path = storage.url_to_fs(target)[1]
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.replace(source, path)
+        else:
+            fs, remote = storage.url_to_fs(target)
+            fs.put_file(source, remote)
 
 
 def write_faiss(staging: str, k: int, index: faiss.Index, on_disk: bool) -> dict:
@@ -295,13 +495,25 @@ def move_to_ondisk(index: faiss.Index, ivfdata_path: str) -> None:
     sources = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]
     sources.push_back(ivf.invlists)
     ondisk.merge_from_multiple(sources.data(), sources.size(), False)
+    # the index file records this name; readers open it beside the index (IO_FLAG_ONDISK_SAME_DIR),
+    # so keep only the base name: the file's bytes then do not depend on where it was built
+    ondisk.filename = os.path.basename(ivfdata_path)
     ivf.replace_invlists(ondisk, True)
     ondisk.this.disown()  # type: ignore[attr-defined]  # the index owns the lists now
 
 
-def write_metadata(staging: str, k: int, meta: pa.Table, runs: list[Run]) -> dict:
+def read_occurrences(uri: str, shas: pa.ChunkedArray) -> pa.Table:
+    """Distinct (image_sha256, dataset, source_uri) of the shard's images, sorted, from its spill."""
+    fs, path = storage.url_to_fs(uri)
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    table = table.filter(pc.is_in(table.column(0), value_set=pc.unique(shas)))
+    found = table.group_by(OCCURRENCE_COLUMNS, use_threads=False).aggregate([])
+    return found.sort_by([(c, "ascending") for c in OCCURRENCE_COLUMNS])
+
+
+def write_metadata(staging: str, k: int, meta: pa.Table, found: pa.Table) -> dict:
     """face_id -> image, face, box, score and every occurrence of the image, sorted by face_id."""
-    found = runsmod.occurrences_for(runs, meta.column("image_sha256").unique())
     table = meta.drop_columns(["dataset", "source_uri"]).append_column(
         "occurrences", occurrence_lists(meta, found)
     )
@@ -346,9 +558,8 @@ def faces_per_dataset(meta: pa.Table, found: pa.Table) -> dict[str, int]:
                            strict=True)))
 
 
-def write_f16_sorted(staging: str, k: int, order: np.ndarray, dim: int) -> dict:
+def write_f16_sorted(staging: str, k: int, raw: str, order: np.ndarray, dim: int) -> dict:
     """Rewrite the add-order float16 rows in face_id order, chunk by chunk through memory maps."""
-    raw = os.path.join(staging, "store", f".vectors-{k}.f16")
     src = np.memmap(raw, dtype=np.float16, mode="r", shape=(len(order), dim))
     name = f"store/vectors-{k}.npy"
     dst = np.lib.format.open_memmap(os.path.join(staging, name), mode="w+", dtype=np.float16,
@@ -358,28 +569,45 @@ def write_f16_sorted(staging: str, k: int, order: np.ndarray, dim: int) -> dict:
         dst[lo : lo + step] = src[order[lo : lo + step]]
     dst.flush()
     del dst, src
-    os.unlink(raw)
     return bundle.file_entry(staging, name)
 
 
-def measure_recall(staging: str, shards: list[dict], plan: IndexPlan, opts: BuildOptions, queries, query_ids,
+# ---------------------------------------------------------------- driver: recall and manifest
+
+
+def merged_top_k(queries: np.ndarray, results: list[ShardResult]) -> ExactTopK:
+    """The shards' exact top-k merged in shard order (ties keep the earlier shard, as one pass would)."""
+    truth = ExactTopK(queries, TOP_K)
+    for r in results:
+        truth.scores, truth.ids = merge_topk([truth.scores, r.scores], [truth.ids, r.ids], TOP_K)
+    return truth
+
+
+def measure_recall(folder: str, shards: list[dict], plan: IndexPlan, opts: BuildOptions, queries, query_ids,
                    truth: ExactTopK, model_id: str, dim: int) -> RecallReport:
-    """Tune nprobe on the written shards so held-out recall@10 reaches the target."""
+    """Tune nprobe (and, for PQ, the re-rank depth) on the written shards so held-out recall@10 reaches
+    the target."""
     draft = {"dim": dim, "model_id": model_id, "shards": shards, "nprobe": None,
-             "rerank_factor": opts.rerank_factor if plan.rerank else 1}
-    index = Index(draft, staging)
-    try:
-        exact10 = drop_self(truth.ids, query_ids, 10)
+             "rerank_factor": opts.rerank_factor if plan.rerank else 1, "version": folder.rsplit("/", 1)[-1]}
+    with tempfile.TemporaryDirectory(prefix="faceaudit-recall-") as cache:
+        local = bundle.local_copy(folder, draft, cache)  # the folder itself when it is local
+        index = Index(draft, local)
+        try:
+            exact10 = drop_self(truth.ids, query_ids, 10)
 
-        def search(x, k, nprobe):
-            return index.search_ids(x, k, nprobe)[1]
+            def search(x, k, nprobe, factor=None):
+                return index.search_ids(x, k, nprobe, factor)[1]
 
-        if plan.nlist:
-            return tune_nprobe(search, queries, query_ids, exact10, plan.nlist, opts.target_recall)
-        r1, r10, _ = measure(search, queries, query_ids, exact10, None)
-        return RecallReport(None, r1, r10, len(queries), [])
-    finally:
-        index.close()
+            if plan.nlist and plan.rerank:
+                factors = rerank_factors(opts.rerank_factor, max(opts.rerank_factor, opts.max_rerank_factor))
+                return tune_nprobe_and_depth(search, queries, query_ids, exact10, plan.nlist,
+                                             opts.target_recall, factors)
+            if plan.nlist:
+                return tune_nprobe(search, queries, query_ids, exact10, plan.nlist, opts.target_recall)
+            r1, r10, _ = measure(search, queries, query_ids, exact10, None)
+            return RecallReport(None, r1, r10, len(queries), [])
+        finally:
+            index.close()
 
 
 def manifest_body(runs: list[Run], inputs: Inputs, plan: IndexPlan, opts: BuildOptions, shards: list[dict],
@@ -395,13 +623,14 @@ def manifest_body(runs: list[Run], inputs: Inputs, plan: IndexPlan, opts: BuildO
         "factory": plan.factory,
         "plan": asdict(plan),
         "nprobe": report.nprobe,
-        "rerank_factor": opts.rerank_factor if plan.rerank else 1,
+        "rerank_factor": report.rerank_factor,
         "on_disk": opts.on_disk,
         "recall": {"target": opts.target_recall, "at_1": report.recall_at_1, "at_10": report.recall_at_10,
                    "queries": report.queries, "nprobe": report.nprobe, "tried": report.tried,
                    "how": "held-out faces of the collection as queries, each query's own face left out"},
         "counts": {"input_rows": inputs.rows, "faces": inputs.unique,
-                   "duplicates": inputs.rows - inputs.unique},
+                   "duplicates": inputs.rows - inputs.unique - inputs.erased,
+                   **({"erased": inputs.erased} if inputs.erased else {})},  # faces an erasure log names
         "datasets": dataset_summary(runs, shards),
         "runs": [{"run_id": r.run_id, "uri": r.uri, "manifest_sha256": r.manifest_sha256} for r in runs],
         "shards": shards,

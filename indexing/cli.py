@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines.core import storage
-from pipelines.core.errors import FaceauditError
+from pipelines.core.errors import ConfigError, FaceauditError
 
 from . import bundle
 from .build import BuildOptions, build_index
@@ -27,7 +27,8 @@ def fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
-@index_app.command("build")
+# unknown options (Beam pipeline options) land in the positional run list, which splits them off
+@index_app.command("build", context_settings={"ignore_unknown_options": True})
 def build(
     runs: Annotated[list[str], typer.Option("--runs", help="<out> roots or run folders; more may follow")],
     out_uri: Annotated[str, typer.Option("--out", help="index root (local folder or gs://...)")],
@@ -37,7 +38,10 @@ def build(
     opq: Annotated[bool, typer.Option(help="rotate with OPQ before PQ (slower build)")] = False,
     rerank: Annotated[bool, typer.Option(
         help="exact re-ranking of PQ candidates from a float16 store on disk")] = True,
-    rerank_factor: Annotated[int, typer.Option(help="candidates re-ranked per wanted hit")] = 10,
+    rerank_factor: Annotated[int, typer.Option(
+        help="candidates re-ranked per wanted hit (the first depth tried)")] = 10,
+    max_rerank_factor: Annotated[int, typer.Option(
+        help="re-rank depth doubles up to this while recall@10 misses the target")] = 80,
     on_disk: Annotated[bool, typer.Option(help="inverted lists in memory-mapped .ivfdata files")] = False,
     target_recall: Annotated[float, typer.Option(help="recall@10 that the tuned nprobe must reach")] = 0.95,
     vectors_per_shard: Annotated[int, typer.Option(help="vectors per FAISS shard")] = 1_000_000,
@@ -47,15 +51,23 @@ def build(
         "--gpu/--no-gpu", help="train and add on a GPU; default: when faiss sees one")] = None,
     flat_max: Annotated[int, typer.Option(help="exact search up to this many vectors")] = FLAT_MAX,
     nlist: Annotated[int | None, typer.Option(help="inverted lists (default: about 4*sqrt(n))")] = None,
-    engine: Annotated[str, typer.Option(help="build engine; only local is implemented")] = "local",
+    engine: Annotated[str, typer.Option(help="where the per-shard adds run: local | ray | beam")] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray)")] = None,
 ) -> None:
-    """Turn committed runs into a new index version and point INDEX/CURRENT at it."""
-    if engine != "local":
-        fail(ValueError(f"--engine {engine}: only the local index build exists so far"))
+    """Turn committed runs into a new index version and point INDEX/CURRENT at it.
+
+    With --engine beam, arguments that start with -- after the runs are Beam pipeline options,
+    e.g. --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp."""
+    extra = [*runs, *(more_runs or [])]
+    run_uris = [a for a in extra if not a.startswith("--")]
+    beam_args = [a for a in extra if a.startswith("--")]
     opts = BuildOptions(max_bytes_per_vector or None, opq, rerank, rerank_factor, on_disk, target_recall,
-                        vectors_per_shard, recall_queries, seed, gpu, flat_max, nlist)
+                        vectors_per_shard, recall_queries, seed, gpu, flat_max, nlist,
+                        max_rerank_factor=max_rerank_factor)
     try:
-        result = build_index([*runs, *(more_runs or [])], out_uri, opts)
+        runner = shard_runner(engine, ray_address, beam_args)
+        result = build_index(run_uris, out_uri, opts, runner)
     except FaceauditError as exc:
         fail(exc)
     m = result.manifest
@@ -64,7 +76,24 @@ def build(
     if m["recall"]["at_10"] < m["recall"]["target"]:
         # every nprobe was tried: the codes are too coarse for this collection at this budget
         err.print(f"[yellow]warning:[/yellow] recall@10 {m['recall']['at_10']:.3f} is below the target "
-                  f"{m['recall']['target']}; raise --max-bytes-per-vector or --rerank-factor")
+                  f"{m['recall']['target']}; raise --max-bytes-per-vector or --max-rerank-factor")
+
+
+def shard_runner(engine: str, ray_address: str | None, beam_args: list[str]):
+    """The engine that runs the per-shard adds (None: here); engine modules load only when chosen."""
+    if beam_args and engine != "beam":
+        raise ConfigError(f"unknown arguments {beam_args} (pipeline options are for --engine beam)")
+    if engine == "ray":
+        from .build_ray import make_runner
+
+        return make_runner(ray_address)
+    if engine == "beam":
+        from .build_beam import make_runner as make_beam_runner
+
+        return make_beam_runner(beam_args)
+    if engine != "local":
+        raise ConfigError(f"--engine {engine}: expected local, ray or beam")
+    return None
 
 
 @index_app.command("info")

@@ -1,8 +1,8 @@
 """Committed ingest runs as the index build sees them: manifests, faces shards, occurrences.
 
-Only runs with a committed ``_manifest.json`` are read, and every shard is checked against the
-sha256 that manifest lists before pyarrow reads it. Shards are read in record batches so that a
-build never needs a whole table in memory.
+Only runs with a committed ``_manifest.json`` are read, and every shard (faces and images) is
+checked against the sha256 that manifest lists before pyarrow reads it. Shards are read in record
+batches so that a build never needs a whole table in memory.
 """
 
 from __future__ import annotations
@@ -124,22 +124,43 @@ def check_batch_model(batch: pa.RecordBatch, model_id: str, shard: Shard) -> Non
         raise ConfigError(f"{shard.uri} holds faces of model {others[0].as_py()!r}, expected {model_id!r}")
 
 
-def occurrences_for(runs: list[Run], shas: pa.Array) -> pa.Table:
-    """Distinct (image_sha256, dataset, source_uri) over the ``images`` tables of every run, sorted.
-
-    Scans the images shards once, keeping only rows whose sha is in ``shas``, so memory is bounded
-    by the faces being written, not by the size of the images tables.
-    """
-    wanted = pa.array(shas, pa.string())
-    columns = ["image_sha256", "dataset", "source_uri"]
-    parts = [pa.table({c: pa.array([], pa.string()) for c in columns})]
+def image_batches(runs: list[Run], columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Record batches of every run's ``images`` shards, each shard checked against its sha256 first."""
     for run in runs:
         for shard in run.images:
-            for batch in iter_batches(shard, columns):
-                keep = pc.is_in(batch.column(0), value_set=wanted)
-                parts.append(pa.Table.from_batches([batch]).filter(keep))
-    found = pa.concat_tables(parts).group_by(columns, use_threads=False).aggregate([])
-    return found.sort_by([(c, "ascending") for c in columns])
+            verify_shard(shard)
+            yield from iter_batches(shard, columns)
+
+
+def sha_keys(shas: pa.Array | pa.ChunkedArray, where: str) -> np.ndarray:
+    """64 bits of each hex sha256 (its first 16 hex digits) as uint64, without a Python loop.
+
+    A key names an image for routing only: two images that share a key cost an extra row, which an
+    exact match on the full sha256 then drops.
+    """
+    arr = shas.combine_chunks() if isinstance(shas, pa.ChunkedArray) else shas
+    if arr.null_count or len(arr) == 0:
+        if arr.null_count:
+            raise FatalError(f"{where}: image_sha256 has nulls where every row needs one")
+        return np.zeros(0, np.uint64)
+    binary = arr.cast(pa.binary())
+    offsets = np.frombuffer(binary.buffers()[1], np.int32)[binary.offset : binary.offset + len(binary) + 1]
+    if not (np.diff(offsets) == 64).all():
+        raise FatalError(f"{where}: an image_sha256 is not 64 hex digits")
+    data = np.frombuffer(binary.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].reshape(-1, 64)
+    digits = _HEX[data[:, :16]].astype(np.uint64)
+    if (digits > 15).any():
+        raise FatalError(f"{where}: an image_sha256 is not 64 hex digits")
+    keys = np.zeros(len(data), np.uint64)
+    for i in range(16):
+        keys = (keys << np.uint64(4)) | digits[:, i]
+    return keys
+
+
+_HEX = np.full(256, 255, np.uint8)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 
 
 def dataset_versions(runs: list[Run]) -> list[dict]:
@@ -149,12 +170,9 @@ def dataset_versions(runs: list[Run]) -> list[dict]:
 
 
 def image_counts(runs: list[Run]) -> dict[str, int]:
-    """Occurrence rows per data set over the images tables (every status)."""
+    """Occurrence rows per data set (every status), from the counts each run manifest records."""
     counts: dict[str, int] = {}
     for run in runs:
-        for shard in run.images:
-            for batch in iter_batches(shard, ["dataset"]):
-                vc = pc.value_counts(batch.column(0)).to_pylist()
-                for item in vc:
-                    counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+        for name, c in run.manifest.get("counts", {}).get("per_dataset", {}).items():
+            counts[name] = counts.get(name, 0) + int(c.get("images", 0))
     return dict(sorted(counts.items()))

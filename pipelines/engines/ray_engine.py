@@ -3,10 +3,13 @@
 Two passes over the pending work units (see docs/engines.md):
 
 1. hash: read tasks read and hash every unit; a group-by on the hash finds the images met more
-   than once and their owner (``pipelines.core.dedup``). Only those duplicates reach the driver.
-2. analyse: read tasks read each unit again and keep the bytes of the images it owns -> an actor
-   pool (the model loaded once per actor; CPUs, GPUs and pool size from ``job.ray``) decodes,
-   detects and embeds, then writes the unit's faces then images shard atomically.
+   than once and their owner (``pipelines.core.dedup``). Up to DRIVER_GROUP_MAX occurrences the
+   driver groups the (sha, order) rows itself; above, a Ray Data group-by does, and only the
+   duplicates reach the driver.
+2. analyse: each unit is read again (by the actor itself when the sources are local files, else by
+   read tasks) keeping the bytes of the images it owns -> an actor pool (the model loaded once
+   per actor; CPUs, GPUs and pool size from ``job.ray``) decodes, detects and embeds, then writes
+   the unit's faces then images shard atomically.
    A unit whose duplicates are owned by a later-finishing unit waits (in the object store) for
    their results and commits last.
 
@@ -25,7 +28,8 @@ import pickle
 from collections.abc import Iterable
 from typing import Any
 
-from ..core.config import DecodeConfig, JobConfig, ModelConfig, RayConfig
+from ..core import storage
+from ..core.config import DecodeConfig, HttpConfig, JobConfig, ModelConfig, RayConfig
 from ..core.dedup import (
     Duplicate,
     PlannedUnit,
@@ -43,16 +47,19 @@ from ..core.dedup import (
     unit_tasks,
 )
 from ..core.errors import FatalError
+from ..core.faults import checkpoint, worker_env
+from ..core.isolate import IsolatedPool, limits_for, resolve_batch
 from ..core.models import load_model
 from ..core.records import ImageResult
 from ..core.run import Tally, finish_run, is_committed, new_run_id, plan_run, read_manifest, run_uri
 from ..core.stages import analyze_batch
 from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require
-from .local_engine import RunSummary
+from .local_engine import RunSummary, _analyze, _init_worker
 
 log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 10_000  # one unit per block up to this many units (a block is one actor call)
+DRIVER_GROUP_MAX = 1_000_000  # occurrences whose hashes (40 bytes each) the driver groups itself
 
 
 def run_job(job: JobConfig, fault_marker: str | None = None) -> RunSummary:
@@ -81,6 +88,7 @@ def run_job(job: JobConfig, fault_marker: str | None = None) -> RunSummary:
             ray.shutdown()
     if tally.images and tally.status["error"] == tally.images:
         tally.fail()
+    tally.check_budget(job.max_error_fraction, job.min_images_for_budget)
     body = finish_run(state, manifest_header(job, run_id, "ray", info, started))
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     return RunSummary(run_id, uri, body, len(state.done), elapsed, analyzed)
@@ -92,7 +100,8 @@ def _connect(ray, job: JobConfig) -> bool:
         return False
     address = job.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        env = worker_env()  # kill points (tests): the workers of a joined cluster do not inherit them
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None)
     else:
         ray.init(num_cpus=job.workers or None, include_dashboard=False)
     return True
@@ -135,13 +144,33 @@ def _find_duplicates(
     done = [p for p in units if p.done]
     if done:
         rows = rows.union(_items(done).flat_map(_committed_rows, fn_kwargs={"run": run}))
-    # a few partitions for a small run: each partition is a task, and 200 idle tasks cost seconds
-    partitions = max(1, min(200, len(units) // 64))
-    found = rows.groupby("sha", num_partitions=partitions).map_groups(_owner_rows, batch_format="pyarrow")
-    found = found.take_all()
+    if sum(len(p.unit.items) for p in units) <= DRIVER_GROUP_MAX:
+        found = _group_in_driver(rows)
+    else:
+        # a few partitions for a small run: each partition is a task, and 200 idle tasks cost seconds
+        partitions = max(1, min(200, len(units) // 64))
+        found = rows.groupby("sha", num_partitions=partitions).map_groups(_owner_rows, batch_format="pyarrow")
+        found = found.take_all()
     dups = [Duplicate(r["order"], r["owner"]) for r in found]
     committed = {r["owner"]: pickle.loads(r["owner_result"]) for r in found if r["owner_result"]}
     return dups, committed
+
+
+def _group_in_driver(rows) -> list[dict]:
+    """The group-by of ``_find_duplicates`` for a run small enough that its hashes fit the driver:
+    the distributed group-by starts shuffle actors (a process each), which on a small machine
+    costs more than the hashes' 40 bytes per image here."""
+    import pyarrow as pa
+
+    groups: dict[str, list[dict]] = {}
+    for row in rows.iter_rows():
+        groups.setdefault(row["sha"], []).append(row)
+    found: list[dict] = []
+    for group in groups.values():
+        if len(group) > 1:
+            table = pa.table({key: [r[key] for r in group] for key in ("order", "result")})
+            found += _owner_rows(table).to_pylist()
+    return found
 
 
 def _items(objects: Iterable[Any]):
@@ -215,15 +244,20 @@ class _Run:
 
         cfg = self.job.ray
         pool = _pool_size(cfg, len(tasks))
-        # Units in flight are bounded: two read per actor, two queued at each actor.
-        ds = _items(tasks).map(
-            _read_row, fn_kwargs={"job": self.job}, num_cpus=cfg.read_cpus, concurrency=2 * pool
-        )
+        ds = _items(tasks)
+        if not _all_local(tasks):
+            # Remote sources: read tasks keep the actors busy while units download. Units in
+            # flight are bounded: two read per actor, two queued at each actor.
+            ds = ds.map(_read_row, fn_kwargs={"job": self.job}, num_cpus=cfg.read_cpus, concurrency=2 * pool)
+        # Local sources: each actor reads its own units. Reading a local unit is quick, a read
+        # stage costs a worker process per concurrent read task (about 2 CPU seconds each to
+        # start), and the bytes then skip the object store.
         return ds.map(
             Analyzer,
             fn_constructor_kwargs={
                 "model": self.job.model,
                 "decode": self.job.decode,
+                "http": self.job.http,
                 "batch_size": default_batch_size(self.job.model, cfg.batch_size),
                 "fault_marker": self.fault_marker,
                 "commit": self._commit_kwargs(committed),
@@ -250,13 +284,18 @@ def _pool_size(cfg: RayConfig, units: int) -> int:
     return int(max(1, min(fits, units)))
 
 
+def _all_local(tasks: list[UnitTask]) -> bool:
+    """Whether every unit is a folder or tar on this machine's disk (a URI list may name URLs)."""
+    return all(t.planned.unit.kind != "urilist" and storage.is_local(t.planned.unit.source) for t in tasks)
+
+
 def _read_row(row: dict, job: JobConfig) -> dict:
     task: UnitTask = pickle.loads(row["item"])
     return {"item": pickle.dumps(read_for_analysis(task, job.http))}
 
 
 class Analyzer:
-    """Decode, detect and embed a unit's owned images, then commit the unit (or hand it on to wait
+    """Read a unit, decode, detect and embed its owned images, then commit the unit (or hand it on to wait
     for owners in other units). The model is loaded once per actor. Committing here rather than
     in tasks of its own saves a worker process per task on a small machine."""
 
@@ -264,24 +303,37 @@ class Analyzer:
         self,
         model: ModelConfig,
         decode: DecodeConfig,
+        http: HttpConfig,
         batch_size: int,
         fault_marker: str | None,
         commit: dict,
     ):
-        self.model = load_model(model)
-        self.decode, self.batch_size, self.fault_marker = decode, batch_size, fault_marker
+        # Decoding hostile bytes runs in a child process under the limits (pipelines.core.isolate),
+        # which loads the model instead of the actor: a decoder crash costs one image, not the actor.
+        self.pool = None
+        if decode.isolate:
+            self.pool = IsolatedPool(1, limits_for(decode, model), _init_worker, (model, decode))
+        self.model = None if self.pool else load_model(model)
+        self.decode, self.http, self.batch_size, self.fault_marker = decode, http, batch_size, fault_marker
         self.commit = commit
 
     def __call__(self, row: dict) -> dict:
-        work: UnitWork = pickle.loads(row["item"])
+        item: UnitTask | UnitWork = pickle.loads(row["item"])
         _die_once(self.fault_marker)
+        work = item if isinstance(item, UnitWork) else read_for_analysis(item, self.http)
+        checkpoint("analyze.batch")
         positions = sorted(work.todo)
         for start in range(0, len(positions), self.batch_size):
             chunk = positions[start : start + self.batch_size]
-            results = analyze_batch([work.todo[p] for p in chunk], self.model, self.decode)
+            results = self._analyze([work.todo[p] for p in chunk])
             work.results.update(zip(chunk, results, strict=True))
         work.todo.clear()  # the bytes are not needed past here
         return {**_commit_or_wait(work, **self.commit), "analyzed": len(positions)}
+
+    def _analyze(self, batch: list[bytes]) -> list[ImageResult]:
+        if self.pool is None:
+            return analyze_batch(batch, self.model, self.decode)
+        return resolve_batch(self.pool, self.pool.submit(_analyze, batch), _analyze, batch)
 
 
 def _die_once(marker: str | None) -> None:

@@ -13,6 +13,7 @@ from pipelines.core.config import DatasetSpec, JobConfig
 from pipelines.core.errors import FatalError
 from pipelines.engines import beam_engine, local_engine, ray_engine
 from tests.helpers import face_rows, image_rows, manifest, write_small_copies
+from tests.integration.test_index_engines import OPTIONS, assert_same_bundle, engine_runner
 
 ENGINES = ("ray", "beam")
 BEAM_IN_PROCESS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
@@ -181,3 +182,15 @@ def engine_runs(tmp_path_factory, faces_dir, faces_run, request) -> dict[str, st
 def test_the_shared_photos_give_the_same_rows_on_every_engine(engine, engine_runs):
     assert_same_run(engine_runs[engine], engine_runs["local"])
     assert len(image_rows(engine_runs[engine])) == 64
+
+
+def test_the_shared_photos_give_the_same_index_on_every_engine(engine_runs, tmp_path, request):
+    """Each engine's run indexed by the same engine: the bundles are identical but for the runs
+    they name (their folders and manifests differ) and the time fields."""
+    from indexing import build_index
+
+    request.getfixturevalue("ray_session")
+    for engine in ("local", *ENGINES):
+        build_index([engine_runs[engine]], str(tmp_path / engine), OPTIONS, engine_runner(engine))
+    for engine in ENGINES:
+        assert_same_bundle(tmp_path / engine, tmp_path / "local", ignore=("runs",))

@@ -47,7 +47,7 @@ def test_build_dedupes_and_records_occurrences(built):
     m = result.manifest
     assert m["counts"] == {"input_rows": 3500, "faces": 3000, "duplicates": 500}
     assert (out / "CURRENT").read_text().strip() == result.version
-    assert len(m["shards"]) == 3 and m["factory"] == "IVF16,PQ32x4fs" and m["rerank_factor"] > 1
+    assert len(m["shards"]) == 4 and m["factory"] == "IVF16,PQ32x4fs" and m["rerank_factor"] > 1
     assert {d["name"]: d["faces"] for d in m["datasets"]} == {"other": 2, "synthetic": 3000}
     index = open_index(str(out))
     x = vectors(3000)
