@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from ..core.config import DecodeConfig, JobConfig, ModelConfig
 from ..core.errors import FatalError
+from ..core.faults import checkpoint
+from ..core.isolate import IsolatedPool, limits_for, resolve_batch
 from ..core.models import FaceModel, load_model
 from ..core.records import ImageResult, RawImage
 from ..core.run import (
@@ -86,6 +88,9 @@ class InlineExecutor:
 
 
 def _executor(job: JobConfig, workers: int):
+    if job.decode.isolate:  # a crash, hang or memory blow-up in a decoder costs one image, not the job
+        limits = limits_for(job.decode, job.model)
+        return IsolatedPool(workers, limits, _init_worker, (job.model, job.decode))
     if workers <= 1:
         return InlineExecutor(job.model, job.decode)
     # spawn, not fork: the driver runs HTTP threads, and forking a threaded process is unsafe
@@ -106,6 +111,7 @@ class Batch:
 
     data: list[bytes] = field(default_factory=list)
     future: Future | None = None
+    results: list[ImageResult] | None = None  # once resolved (a crashed batch is retried only once)
 
 
 @dataclass
@@ -189,6 +195,7 @@ class LocalRun:
             self.analyzed += len(self.open_batch.data)
             self.open_batch.future = self.executor.submit(_analyze, self.open_batch.data)
             self.open_batch = Batch()
+            checkpoint("analyze.batch")  # the driver, while a worker decodes
 
     def _push(self, item: Slot | UnitEnd) -> None:
         self.window.append(item)
@@ -204,6 +211,7 @@ class LocalRun:
         item.buffer.add(item.raw, result, item.owner)
         self.tally.add(result)
         self.tally.check_systemic()
+        self.tally.check_budget(self.job.max_error_fraction, self.job.min_images_for_budget)
         self.bar.update(1)
         elapsed = self.bar.format_dict["elapsed"] or 1e-9
         tally = self.tally
@@ -218,7 +226,9 @@ class LocalRun:
         if batch.future is None:
             self._submit()
         assert batch.future is not None
-        result = batch.future.result()[slot.position]  # a FatalError from a worker ends the job here
+        if batch.results is None:  # a FatalError from a worker ends the job here
+            batch.results = resolve_batch(self.executor, batch.future, _analyze, batch.data)
+        result = batch.results[slot.position]
         if slot.owner and result.image_sha256:
             self.inflight.pop(result.image_sha256, None)
             self.state.seen[result.image_sha256] = result.without_faces()
@@ -226,8 +236,14 @@ class LocalRun:
         return result
 
 
-def run_job(job: JobConfig) -> RunSummary:
-    """Run (or resume) an ingest job on this machine; returns the committed run's manifest."""
+def run_job(job: JobConfig, known: dict[str, ImageResult] | None = None,
+            known_from: list[str] | None = None) -> RunSummary:
+    """Run (or resume) an ingest job on this machine; returns the committed run's manifest.
+
+    ``known``: image_sha256 -> result (faces as a count) of images whose faces earlier runs
+    (``known_from``) committed with the same model: their occurrences get ``images`` rows here, but
+    they are neither decoded nor embedded again (``faceaudit rebuild``'s incremental ingest).
+    """
     started = dt.datetime.now(dt.timezone.utc)
     run_id = job.run_id or new_run_id()
     uri = run_uri(job.out, run_id)
@@ -235,6 +251,8 @@ def run_job(job: JobConfig) -> RunSummary:
         manifest = read_manifest(uri)
         return RunSummary(run_id, uri, manifest)
     state = plan_run(job, run_id)
+    for sha, result in (known or {}).items():
+        state.seen.setdefault(sha, result)  # not an owner here: the faces are in ``known_from``
     workers = job.workers or os.cpu_count() or 1
     executor = _executor(job, workers)
     try:
@@ -243,6 +261,9 @@ def run_job(job: JobConfig) -> RunSummary:
         local.run()
     finally:
         executor.shutdown(cancel_futures=True)
-    body = finish_run(state, manifest_header(job, run_id, "local", info, started))
+    header = manifest_header(job, run_id, "local", info, started)
+    if known is not None:
+        header["faces_from_runs"] = sorted(known_from or [])  # faces of known images live there
+    body = finish_run(state, header)
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     return RunSummary(run_id, uri, body, len(state.done), elapsed, local.analyzed)

@@ -101,7 +101,7 @@ def test_faceaudit_commands_and_flags_exist(path):
         if not words:
             continue  # prose ("faceaudit turns ...") or an image name
         options = commands[" ".join(words)]
-        if words == ["ingest"] and "--engine beam" in rest:
+        if words in (["ingest"], ["rebuild"]) and "--engine beam" in rest:
             options = options | _beam_options()  # the rest are Beam pipeline options
         for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
             assert flag in options, f"{path.name}: faceaudit {' '.join(words)} has no {flag}"
@@ -136,6 +136,26 @@ def test_the_entry_points_are_real_commands():
     assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/template/infra/dataflow/ingest_main.py" in launcher
     names = {p["name"] for p in template["metadata"]["parameters"]}
     assert names <= set(ingest_main.FLAGS)
+
+
+def test_the_rebuild_schedules_run_real_commands():
+    commands = _cli_commands()
+    cron = yaml.safe_load((INFRA / "k8s" / "rebuild-cronjob.yaml").read_text())
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[0] == "rebuild" and {a for a in args if a.startswith("--")} <= commands["rebuild"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and pod["restartPolicy"] == "Never"
+    spec = importlib.util.spec_from_file_location("rebuild_main", INFRA / "dataflow" / "rebuild_main.py")
+    rebuild_main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rebuild_main)
+    args = rebuild_main.rebuild_args(["--registry=gs://b/r", "--work=gs://b/w", "--index=gs://b/i",
+                                      "--project=p"])
+    assert args[0] == "rebuild" and "--runner=DataflowRunner" in args and "--project=p" in args
+    assert {a for a in args if a.startswith("--") and "=" not in a} <= commands["rebuild"]
+    template = json.loads((INFRA / "dataflow" / "rebuild-template.json").read_text())
+    assert {p["name"] for p in template["metadata"]["parameters"]} <= set(rebuild_main.FLAGS)
+    launcher = (INFRA / "dataflow" / "Dockerfile.rebuild-launcher").read_text()
+    assert "FLEX_TEMPLATE_PYTHON_PY_FILE=/template/infra/dataflow/rebuild_main.py" in launcher
 
 
 def test_clusters_ask_for_gpu_workers():
