@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 from pipelines.core import storage
+from pipelines.core.faults import checkpoint
 
 from .errors import IntegrityError
 
@@ -93,6 +94,12 @@ def resolve(uri: str) -> tuple[str, str]:
     return storage.join(uri, version), version
 
 
+def root_of(folder: str) -> str:
+    """The index root that holds the version ``folder`` (where CURRENT and ``_erasure/`` live)."""
+    head, sep, _ = folder.rstrip("/").rpartition("/")
+    return head if sep else "."
+
+
 def publish(staging: str, out: str, version: str, body: dict) -> str:
     """Upload the staged files (when ``out`` is remote), write the manifest last, move CURRENT."""
     folder = storage.join(out, version)
@@ -116,6 +123,7 @@ def move_current(out: str, version: str) -> bool:
         data, token = storage.read_versioned(uri)
         if data is not None and data.decode().strip() >= version:
             return False
+        checkpoint("index.move_current")
         try:
             storage.write_if_unchanged(uri, (version + "\n").encode(), token)
             return True

@@ -73,6 +73,9 @@ def ingest(
         int | None, typer.Option(help="detect on a copy downscaled to this longest side (0: full size)")
     ] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    erasure_log: Annotated[
+        str | None, typer.Option(help="erasure log whose faces are never written (e.g. INDEX/_erasure)")
+    ] = None,
     ray_address: Annotated[
         str | None, typer.Option(help="--engine ray: the cluster to join (default: RAY_ADDRESS, else local)")
     ] = None,
@@ -90,12 +93,16 @@ def ingest(
         detector=detector,
         detect_max_side=detect_max_side,
         progress=progress,
+        erasure_log=erasure_log,
     )
     with _fatal_errors():
         job = _build_job(config, dataset or [], overrides)
         if ray_address:
             job = job.model_copy(update={"ray": job.ray.model_copy(update={"address": ray_address})})
         summary = _run(job, ctx.args)
+        from .rebuild.report import run_report, write_report  # report.json/.html beside the manifest
+
+        write_report(summary.uri, run_report(summary.uri, getattr(summary, "analyzed", None)))
     print_run_summary(summary.manifest, summary.uri, summary.seconds, summary.resumed_units)
     typer.echo(summary.run_id)
 
@@ -164,3 +171,30 @@ def _mount_indexing() -> None:
 
 
 _mount_indexing()
+
+
+def _mount_rebuild() -> None:
+    from .rebuild.cli import mount
+
+    mount(app)
+
+
+_mount_rebuild()
+
+
+def _mount_gc() -> None:
+    from .garbage import gc
+
+    app.command("gc")(gc)
+
+
+_mount_gc()
+
+
+def _mount_erase() -> None:
+    from indexing.erase_cli import erase_command
+
+    app.command("erase")(erase_command)
+
+
+_mount_erase()

@@ -290,6 +290,52 @@ def write_if_unchanged(uri: str, data: bytes, token: str) -> str:
         raise Conflict(f"{uri} changed since it was read (expected generation {token})") from None
 
 
+def generations(uri: str) -> tuple[int | None, list[int]]:
+    """(live generation or None, noncurrent generations) of one object, in a versioned bucket or not."""
+    bucket, name = split(uri)
+    url = f"{endpoint()}/storage/v1/b/{quote(bucket, safe='')}/o"
+    live, old, token = None, [], None
+    while True:
+        params = {"prefix": name, "versions": "true",
+                  "fields": "items(name,generation,timeDeleted),nextPageToken"}
+        if token:
+            params["pageToken"] = token
+        response, _ = _send("GET", url, params=params)
+        if not response.ok:
+            raise _fail(response, uri)
+        body = response.json()
+        for item in body.get("items", []):
+            if item["name"] != name:
+                continue  # same prefix, another object
+            if item.get("timeDeleted"):
+                old.append(int(item["generation"]))
+            else:
+                live = int(item["generation"])
+        token = body.get("nextPageToken")
+        if not token:
+            return live, sorted(old)
+
+
+def purge_noncurrent(uri: str) -> int:
+    """Delete every noncurrent generation of ``uri`` (erasure: old bytes must not linger); the live one
+    stays. Returns how many were deleted. Checks afterwards that the live generation survived."""
+    live, old = generations(uri)
+    bucket, name = split(uri)
+    for generation in old:
+        # generation= names exactly this noncurrent version; ifGenerationMatch makes a retry harmless
+        params = {"generation": str(generation), "ifGenerationMatch": str(generation)}
+        response, _ = _send("DELETE", _object_url(bucket, name), params=params)
+        if not response.ok and response.status_code not in (404, 412):
+            raise _fail(response, f"{uri} generation {generation}")
+    after_live, left = generations(uri)
+    if after_live != live:
+        raise GcsError(f"{uri}: deleting noncurrent generations removed the live one (generation {live}); "
+                       "this storage does not honour the generation parameter of DELETE")
+    if left:
+        raise GcsError(f"{uri}: noncurrent generations {left} are still there after deleting them")
+    return len(old)
+
+
 # ---------------------------------------------------------------- gcsfs, verified
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from . import erasure, storage
 from .schema import IMAGES_SCHEMA, faces_schema
 
 RUN_FORMAT = "faceaudit.run/1"
@@ -61,7 +61,9 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 def commit_table(run_uri: str, table_name: str, part: str, table: pa.Table) -> ShardInfo:
-    """Write ``<run>/<table>/part-<part>.parquet`` whole, atomically."""
+    """Write ``<run>/<table>/part-<part>.parquet`` whole, atomically; erased faces never reach it."""
+    if table_name == "faces":
+        table = erasure.drop_erased(run_uri, table)  # docs/erasure.md: the run's erasure log
     data = parquet_bytes(table)
     rel = f"{table_name}/part-{part}.parquet"
     storage.write_atomic(storage.join(run_uri, rel), data)

@@ -1,0 +1,359 @@
+"""Erasure on real photos: erase a person by photo, then read every file back and search again.
+
+One small ingest of 18 shared photos (480 px copies; dlib on the local engine) and two bundles
+built from it, an exact one (the index) and an IVF-PQ one with a float16 re-rank store (used as an
+export), make the pristine tree. Each test works on a copy of it, with relative paths inside, so
+the manifests' run URIs point into the copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from indexing import BuildOptions, build_index, open_index
+from indexing.erase import PENDING, erase, find_by_ids, find_by_photos
+from pipelines.core import erasure, storage
+from pipelines.core.config import DatasetSpec, DecodeConfig, JobConfig
+from pipelines.engines.local_engine import run_job
+from tests.gcs_emulator import gcs_emulator  # noqa: F401 - the fixture
+from tests.helpers import largest_face_embeddings, write_small_copies
+
+PERSON = ["img1", "img2", "img4", "img5", "img6", "img7", "img10", "img11"]  # one person (master.csv)
+OTHERS = ["img3", "img12", "img13", "img14", "img15", "img16", "img17", "img8", "img9"]  # four other people
+PHOTOS = [*PERSON, *OTHERS, "couple"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ingest(root: Path, run_id: str, log: str | None = None):
+    # decode runs in this process: small trusted copies, and no worker start-up per test
+    job = JobConfig(datasets=[DatasetSpec(name="deepface", source="photos")], out="out", run_id=run_id,
+                    images_per_shard=8, progress=False, workers=1, erasure_log=log,
+                    decode=DecodeConfig.model_validate({"isolate": False}))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        return run_job(job)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, faces_dir) -> Path:
+    root = tmp_path_factory.mktemp("erase-pristine")
+    (root / "photos").mkdir()
+    write_small_copies([faces_dir / f"{name}.jpg" for name in PHOTOS], root / "photos", 480)
+    ingest(root, "r1")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        build_index(["out"], "index")
+        # a PQ bundle with a float16 store, erased as an export that the operator names
+        build_index(["out"], "export", BuildOptions(max_bytes_per_vector=24, flat_max=1, nlist=1))
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def work(pristine, tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "w"
+    shutil.copytree(pristine, root)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default bundle cache, purged by erase
+    return root
+
+
+def faces_table(root: Path) -> pa.Table:
+    parts = sorted((root / "out" / "runs").glob("*/faces/*.parquet"))
+    return pa.concat_tables([pq.read_table(p) for p in parts])
+
+
+@pytest.fixture(scope="module")
+def queries(pristine) -> dict[str, np.ndarray]:
+    """Photo name -> its largest face's embedding, as the ingest computed it (no model load per search)."""
+    vectors = largest_face_embeddings(pristine / "out" / "runs" / "r1")
+    return {name.removesuffix(".jpg"): vec for name, vec in vectors.items()}
+
+
+def matches(index, vector: np.ndarray) -> list[tuple[int, float]]:
+    """Every indexed face at or above the model's calibrated threshold, as `faceaudit search` keeps them."""
+    hits = index.search(vector, k=index.ntotal)[0]
+    return [(h.face_id, round(h.score, 5)) for h in hits if h.score >= index.match_threshold]
+
+
+def every_id_and_vector(root: Path) -> tuple[set[int], list[np.ndarray], list[str]]:
+    """Every face_id and vector in every table and index file under the tree, read back decompressed
+    (pyarrow, numpy, faiss); and the text of every JSON file."""
+    ids: set[int] = set()
+    vectors: list[np.ndarray] = []
+    texts: list[str] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "photos" not in p.parts):
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            for name in table.column_names:
+                column = table.column(name)
+                if name == "face_id":
+                    ids.update(column.to_pylist())
+                elif name == "embedding":
+                    vectors.append(np.asarray(column.to_pylist(), dtype=np.float32))
+                else:
+                    texts.append(json.dumps(column.to_pylist(), default=str))
+        elif path.suffix == ".npy":
+            array = np.load(path)
+            if array.ndim == 1:
+                ids.update(int(i) for i in array)
+            else:
+                vectors.append(array.astype(np.float32))
+        elif path.suffix == ".faissindex":
+            index = faiss.read_index(str(path))
+            ids.update(int(i) for i in faiss_ids(index))
+            if isinstance(index, faiss.IndexIDMap):
+                vectors.append(index.index.reconstruct_n(0, index.ntotal))
+        elif path.suffix in (".json", "") or path.name == "CURRENT":
+            texts.append(path.read_text(errors="replace"))
+    return ids, vectors, texts
+
+
+def faiss_ids(index) -> np.ndarray:
+    if isinstance(index, faiss.IndexIDMap):
+        return faiss.vector_to_array(index.id_map)
+    ivf = faiss.extract_index_ivf(index)
+    lists = [faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
+             for i in range(ivf.nlist) if ivf.invlists.list_size(i)]
+    return np.concatenate(lists) if lists else np.zeros(0, np.int64)
+
+
+def assert_gone(root: Path, erased_ids: set[int], erased_vectors: np.ndarray) -> None:
+    ids, vectors, texts = every_id_and_vector(root)
+    assert ids and not ids & erased_ids
+    for block in vectors:
+        if len(block):  # float16 copies differ from the float32 originals by ~1e-3
+            assert (block @ erased_vectors.T).max() < 0.999
+    for face_id in erased_ids:
+        assert not any(str(face_id) in text for text in texts)
+
+
+def erased_faces(root: Path, vector: np.ndarray) -> tuple[set[int], np.ndarray]:
+    """The faces erasing by a photo must take: every indexed face matching it, with their vectors."""
+    index = open_index("index")
+    ids = {face_id for face_id, _ in matches(index, vector)}
+    faces = faces_table(root)
+    rows = [i for i, f in enumerate(faces.column("face_id").to_pylist()) if f in ids]
+    return ids, np.asarray(faces.take(rows).column("embedding").to_pylist(), dtype=np.float32)
+
+
+def test_erase_by_photo_leaves_no_trace_and_other_people_unchanged(work, queries):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    ids, vectors = erased_faces(work, queries["img1"])
+    assert len(ids) >= len(PERSON)  # every photo of the person, and the person in couple.jpg
+    before = open_index("index")
+    others = {p: matches(before, queries[p]) for p in OTHERS}
+    assert all(others.values())
+    # a download cache holding these faces (as a remote index leaves behind) is purged too
+    cache = work.parent / "home" / ".cache" / "faceaudit" / "index" / "old-version"
+    shutil.copytree(Path(before.folder) / "store", cache / "store")
+    result = CliRunner().invoke(app, ["erase", "--index", "index", "--photo", "photos/img1.jpg",
+                                      "--export", "export", "--yes", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{\n"):])
+    assert report["run_faces_removed"] == len(ids) and sorted(report["bundle_faces_removed"].values()) == [
+        len(ids), len(ids)]
+    assert report["caches_removed"] == [str(cache)] and not cache.exists()
+    after = open_index("index")
+    assert after.ntotal == before.ntotal - len(ids)
+    for photo in PERSON:
+        assert not {face_id for face_id, _ in matches(after, queries[photo])} & ids
+    assert not set(after.search_ids(queries["img1"], after.ntotal)[1][0]) & ids  # k = every face
+    assert {p: matches(after, queries[p]) for p in OTHERS} == others
+    assert_gone(work, ids, vectors)
+    log_text = "".join(p.read_text() for p in (work / "index" / "_erasure").rglob("*.json"))
+    assert "img1" not in log_text and "photos" not in log_text
+    assert faces_table(work).num_rows == before.ntotal - len(ids)
+
+
+def test_reingest_and_rebuild_do_not_bring_them_back(work, pristine, queries):
+    index = open_index("index")
+    found = find_by_photos(index, ["photos/img2.jpg"])
+    ids = {f.face_id for f in found}
+    assert len(ids) >= 2
+    erase("index", found)
+    log = erasure.default_log("index")
+    again = ingest(work, "r2", log=log)  # the same data set, ingested again with the log
+    r2 = pq.read_table(work / "out" / "runs" / "r2" / "faces").column("face_id").to_pylist()
+    assert r2 and not set(r2) & ids and again.manifest["counts"]["images"] == len(PHOTOS)
+    # an un-erased copy of the old run turning up again (restored from a backup) is not indexed either
+    shutil.copytree(pristine / "out" / "runs" / "r1", work / "out" / "runs" / "r0")
+    built = build_index(["out"], "index")
+    assert built.manifest["counts"]["erased"] == len(ids)
+    fresh = open_index("index")
+    assert fresh.manifest["version"] == built.version and fresh.ntotal == index.ntotal - len(ids)
+    ids_on_disk = set(np.load(Path(built.folder) / "store" / "ids-0.npy").tolist())
+    assert not ids_on_disk & ids
+    for photo in PERSON:
+        assert not {face_id for face_id, _ in matches(fresh, queries[photo])} & ids
+    swept = open_index(str(Path("index") / index.manifest["version"]))  # the version erased in place
+    assert swept.manifest["erasure"]["faces_removed"] == len(ids)
+
+
+KILL_POINTS = ["erase.logged", "erase.run_shard", "erase.bundle_files", "erase.bundle_manifest"]
+
+
+def test_killed_erase_completes_when_run_again(work, queries):
+    index = open_index("index")
+    found, _ = find_by_ids(index, [m[0] for m in matches(index, queries["img4"])])
+    ids = sorted({f.face_id for f in found})
+    _, vectors = erased_faces(work, queries["img4"])
+    command = [sys.executable, "-m", "pipelines", "erase", "--index", "index", "--export", "export", "--yes",
+               *(a for i in ids for a in ("--face-id", str(i)))]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for point in KILL_POINTS:  # each run is killed one step further on, from what the last one left
+        done = subprocess.run(command, env={**env, "FACEAUDIT_KILL_AT": point}, capture_output=True)
+        assert done.returncode == -9, (point, done.stderr.decode()[-2000:])
+        # half-erased: whatever is on disk, the logged faces are never returned
+        for photo in ("img4", "img1"):
+            assert not {face_id for face_id, _ in matches(open_index("index"), queries[photo])} & set(ids)
+    done = subprocess.run(command, env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    complete = open_index("index")  # every listed file present, every sha256 right
+    assert complete.ntotal == index.ntotal - len(ids)
+    from indexing.runs import find_runs, verify_shard
+
+    (run,) = find_runs(["out"])
+    for shard in [*run.faces, *run.images]:
+        verify_shard(shard)
+    assert complete.manifest["runs"][0]["manifest_sha256"] == run.manifest_sha256
+    assert run.manifest["counts"]["faces"] == sum(s.rows for s in run.faces) == complete.ntotal
+    assert_gone(work, set(ids), vectors)
+    leftovers = [p for p in work.rglob("*") if storage.TMP_MARK in p.name or p.name == PENDING]
+    assert not leftovers
+    assert sorted(p.name for p in Path(complete.folder).rglob("*") if p.is_file()) == sorted(
+        ["manifest.json", *(Path(e["file"]).name for s in complete.manifest["shards"]
+                            for e in (s["index"], s["ids"], s["metadata"]))])
+
+
+# ---------------------------------------------------------------- GCS (fake-gcs-server)
+
+
+def upload_tree(local: Path, uri: str) -> None:
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.write_atomic(storage.join(uri, path.relative_to(local).as_posix()), path.read_bytes())
+
+
+def download_tree(uri: str, local: Path) -> None:
+    prefix = uri.rstrip("/") + "/"
+    for item in storage.walk_files(uri):
+        storage.download(item, str(local / item[len(prefix):]))
+
+
+def noncurrent(uri: str) -> list[str]:
+    from pipelines.core import gcs
+
+    return [f"{item}#{g}" for item in storage.walk_files(uri) for g in gcs.generations(item)[1]]
+
+
+def deletes_noncurrent_generations(emulator) -> bool:
+    """Whether the emulator deletes exactly the noncurrent generation a DELETE names (GCS does)."""
+    bucket = "probe-versions"
+    emulator.http.post(f"{emulator.url}/storage/v1/b", params={"project": "test"},
+                       json={"name": bucket, "versioning": {"enabled": True}})
+    first = int(emulator.upload(bucket, "o", b"one", 0).json()["generation"])
+    emulator.upload(bucket, "o", b"two", first)
+    emulator.http.delete(f"{emulator.url}/storage/v1/b/{bucket}/o/o", params={"generation": first})
+    live = emulator.http.get(f"{emulator.url}/storage/v1/b/{bucket}/o/o", params={"alt": "media"})
+    old = emulator.http.get(f"{emulator.url}/storage/v1/b/{bucket}/o/o",
+                            params={"alt": "media", "generation": first})
+    return live.ok and live.content == b"two" and old.status_code == 404
+
+
+@pytest.mark.parametrize("versioned", [False, True], ids=["plain-bucket", "versioned-bucket"])
+def test_erase_on_gcs(gcs_emulator, pristine, queries, tmp_path, monkeypatch, versioned):  # noqa: F811
+    if versioned and not deletes_noncurrent_generations(gcs_emulator):
+        pytest.skip("fake-gcs-server ignores the generation of a DELETE and removes the live object "
+                    "instead (probed), so deleting noncurrent versions cannot be tested on it")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    name = "faceaudit-erase-versioned" if versioned else "faceaudit-erase"
+    gcs_emulator.http.post(f"{gcs_emulator.url}/storage/v1/b", params={"project": "test"},
+                           json={"name": name, "versioning": {"enabled": versioned}})
+    root = f"gs://{name}"
+    upload_tree(pristine / "out" / "runs" / "r1", storage.join(root, "out", "runs", "r1"))
+    build_index([storage.join(root, "out")], storage.join(root, "index"))
+    cache = tmp_path / "cache"
+    index = open_index(storage.join(root, "index"), cache_dir=str(cache))
+    ids = {face_id for face_id, _ in matches(index, queries["img5"])}
+    rows = pq.read_table(pristine / "out" / "runs" / "r1" / "faces")
+    pairs = zip(rows.column("face_id").to_pylist(), rows.column("embedding").to_pylist(), strict=True)
+    vectors = np.asarray([e for f, e in pairs if f in ids], dtype=np.float32)
+    found, _ = find_by_ids(index, sorted(ids))
+    report = erase(storage.join(root, "index"), found, cache_dirs=[str(cache)])
+    assert report.run_faces_removed == len(ids) and report.caches_removed and not list(cache.iterdir())
+    assert report.files_deleted == 3  # the old index, ids and metadata files of the one shard
+    fresh = open_index(storage.join(root, "index"), cache_dir=str(tmp_path / "cache2"))
+    assert fresh.ntotal == index.ntotal - len(ids)
+    for photo in PERSON:
+        assert not {face_id for face_id, _ in matches(fresh, queries[photo])} & ids
+    copy = tmp_path / "bucket"
+    download_tree(root, copy)
+    assert_gone(copy, ids, vectors)
+    assert not noncurrent(root)  # no older generation of any object is left to read back
+    assert (report.noncurrent_deleted > 0) == versioned
+
+
+def test_a_rebuild_that_reingests_the_data_set_does_not_bring_them_back(tmp_path, faces_dir, monkeypatch):
+    import yaml
+
+    from pipelines.rebuild.config import RebuildConfig
+    from pipelines.rebuild.driver import rebuild
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    photos = tmp_path / "data"
+    photos.mkdir()
+    write_small_copies([faces_dir / f"{n}.jpg" for n in ("img1", "img2", "img3", "img12")], photos, 240)
+    registry = tmp_path / "registry"
+    registry.mkdir()
+
+    def register(version: str) -> None:
+        spec = {"name": "deepface", "version": version, "source": str(photos), "license": "test"}
+        (registry / "deepface.yaml").write_text(yaml.safe_dump(spec))
+
+    config = RebuildConfig(registry=str(registry), work=str(tmp_path / "work"), index=str(tmp_path / "index"),
+                           workers=1, progress=False, images_per_shard=2,
+                           decode=DecodeConfig.model_validate({"isolate": False}))
+    register("1")
+    rebuild(config)
+    index = open_index(config.index)
+    vectors = run_vectors(tmp_path / "work")
+    person = {h.face_id for h in index.search(vectors["img1.jpg"], k=index.ntotal)[0]
+              if h.score >= index.match_threshold}
+    assert len(person) == 2  # img1 and img2
+    found, _ = find_by_ids(index, sorted(person))
+    erase(config.index, found)
+    register("2")  # the data set changed: the rebuild ingests all of it again
+    rebuild(config)
+    fresh = open_index(config.index)
+    assert fresh.manifest["version"] != index.manifest["version"] and fresh.ntotal == index.ntotal - 2
+    assert not set(fresh.search_ids(vectors["img2.jpg"], fresh.ntotal)[1][0]) & person
+    runs = sorted((tmp_path / "work" / "runs").glob("*/faces"))
+    assert len(runs) == 2  # the first run, erased in place, and the rebuild's new one
+    assert pq.read_table(runs[1].parent / "images").num_rows == 4  # which took every photo again
+    for faces in runs:
+        assert not set(pq.read_table(faces).column("face_id").to_pylist()) & person
+
+
+def run_vectors(work: Path) -> dict[str, np.ndarray]:
+    """Photo file name -> its largest face's embedding, from the first run under ``work``."""
+    (run,) = sorted((work / "runs").iterdir())[:1]
+    return largest_face_embeddings(run)
