@@ -18,8 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipelines.core import storage
-from pipelines.core.errors import FatalError
-from pipelines.engines.beam_engine import _fatal_in
+from pipelines.engines.beam_engine import run_pipeline
 from pipelines.engines.common import require
 
 from .build import BUILD_DIR, ShardResult, ShardTask, build_shard
@@ -42,24 +41,13 @@ def make_runner(pipeline_args: Sequence[str] = ()):
 
 def run_shards(tasks: list[ShardTask], trained: bytes, queries: np.ndarray,
                args: list[str]) -> list[ShardResult]:
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     stage = stage_inputs(tasks, trained, queries)
-    try:
-        with beam.Pipeline(options=PipelineOptions(args)) as p:
-            _ = (
-                p
-                | "Shards" >> beam.Create([t.k for t in tasks])
-                | "Spread" >> beam.Reshuffle()
-                | "Build" >> beam.ParDo(BuildShard(stage))
-            )
-    except FatalError:
-        raise
-    except Exception as exc:  # runners wrap worker errors; surface ours by its message
-        fatal = _fatal_in(exc)
-        if fatal is None:
-            raise
-        raise FatalError(fatal) from None
+    run_pipeline(args, lambda p: (
+        p
+        | "Shards" >> beam.Create([t.k for t in tasks])
+        | "Spread" >> beam.Reshuffle()
+        | "Build" >> beam.ParDo(BuildShard(stage))
+    ))
     return [pickle.loads(storage.read_bytes(storage.join(stage, f"result-{t.k}.pkl"))) for t in tasks]
 
 

@@ -158,6 +158,22 @@ def print_run_summary(manifest: dict, uri: str, seconds: float, resumed_units: i
     console.print(f"shards: {uri}/faces/ and {uri}/images/ ; manifest: {uri}/_manifest.json")
 
 
+def template_args(command: str, flags: dict[str, str], argv: list[str]) -> list[str]:
+    """A Dataflow flex template's arguments as ``faceaudit COMMAND --engine beam`` arguments: the
+    template parameters named in ``flags`` become their flags; every other argument the launcher
+    passes (project, region, temp_location, ...) stays a Beam pipeline option."""
+    args = [command, "--engine", "beam", "--no-progress"]
+    for arg in argv:
+        name, sep, value = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and sep and name in flags:
+            args += [flags[name], value]
+        else:
+            args.append(arg)
+    if not any(a.startswith("--runner") for a in args):
+        args.append("--runner=DataflowRunner")
+    return args
+
+
 def main() -> None:  # pragma: no cover - console entry point
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app()

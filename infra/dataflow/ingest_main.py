@@ -6,23 +6,14 @@ from __future__ import annotations
 
 import sys
 
-from pipelines.cli import app
+from pipelines.cli import app, template_args
 
 # template parameter -> faceaudit ingest flag
 FLAGS = {"config": "--config", "dataset": "--dataset", "out": "--out", "run_id": "--run-id"}
 
 
 def ingest_args(argv: list[str]) -> list[str]:
-    args = ["ingest", "--engine", "beam", "--no-progress"]
-    for arg in argv:
-        name, sep, value = arg.removeprefix("--").partition("=")
-        if arg.startswith("--") and sep and name in FLAGS:
-            args += [FLAGS[name], value]
-        else:
-            args.append(arg)
-    if not any(a.startswith("--runner") for a in args):
-        args.append("--runner=DataflowRunner")
-    return args
+    return template_args("ingest", FLAGS, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -127,12 +127,17 @@ def _planned(line: str) -> PlannedUnit:
 
 
 def _run_pipeline(job: JobConfig, run_id: str, plan: str, started: dt.datetime, args: list[str]) -> None:
+    run_pipeline(args, lambda p: build_pipeline(p, job, run_id, plan, started))
+
+
+def run_pipeline(args: list[str], attach: Callable[[beam.Pipeline], object]) -> None:
+    """Run the transforms ``attach`` adds to a pipeline of options ``args``; a FatalError raised
+    in a worker is raised here as itself, whatever the runner wrapped it in."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    options = PipelineOptions(args)
     try:
-        with beam.Pipeline(options=options) as p:
-            build_pipeline(p, job, run_id, plan, started)
+        with beam.Pipeline(options=PipelineOptions(args)) as p:
+            attach(p)
     except FatalError:
         raise
     except Exception as exc:  # runners wrap worker errors; surface ours by its message
