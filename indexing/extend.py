@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 import faiss
 import numpy as np
 
-from pipelines.core import erasure, storage
+from pipelines.core import erasure, orphans, storage
 from pipelines.core.errors import ConfigError
 
 from . import build, bundle, gpu
@@ -194,7 +194,9 @@ def build_version(
     attempts: list[dict] = []
     while True:
         watch = build.Stopwatch()
-        body = _build_once(folder, scoped, inputs, plan, b, model_id, dim, decision, base, base_folder, watch)
+        with orphans.in_progress(folder):  # a concurrent index build or gc leaves a live rebuild alone
+            body = _build_once(folder, scoped, inputs, plan, b, model_id, dim, decision, base, base_folder,
+                               watch)
         attempts.append(
             {"mode": decision.mode, "reason": decision.reason, "recall_at_10": body["recall"]["at_10"]}
         )
