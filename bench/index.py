@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -125,7 +124,7 @@ def child_ours(args, work: Path, dim: int) -> dict:
                          BuildOptions(max_bytes_per_vector=args.bytes_per_vector,
                                       use_gpu=True if args.gpu else None))
     built = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss("VmHWM") / 2**20  # not ru_maxrss: that keeps the parent's peak across fork and exec
     queries = np.load(work / "queries.npy")
     anon0 = rss("RssAnon")
     index = open_index(str(work / "index"))
@@ -171,7 +170,7 @@ def rss(field: str) -> int:
 
 
 AUTOFAISS_CHILD = r'''
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 import numpy as np, faiss
 from autofaiss import build_index
@@ -181,7 +180,8 @@ index, infos = build_index(str(work / "npy"), index_path=str(work / "autofaiss.i
     index_infos_path=str(work / "autofaiss.json"), max_index_memory_usage=f"{budget * n // 1_000_000}MB",
     current_memory_available="16G", metric_type="ip", nb_cores=2, verbose=30)
 built = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines()
+            if l.startswith("VmHWM:")) / 1024  # not ru_maxrss, which keeps the parent's peak
 if infos.get("index_param"):
     faiss.ParameterSpace().set_index_parameters(index, infos["index_param"])
 queries = np.load(work / "queries.npy")
