@@ -375,13 +375,7 @@ def write_spills(runs: list[Run], keys: np.ndarray, shard_of: np.ndarray, n_shar
 
 def publish_spill(path: str, folder: str) -> str:
     uri = storage.join(folder, BUILD_DIR, os.path.basename(path))
-    if storage.is_local(uri):
-        target = storage.url_to_fs(uri)[1]
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(path, target)
-    else:
-        fs, remote = storage.url_to_fs(uri)
-        fs.put_file(path, remote)
+    storage.move_in(path, uri)
     return uri
 
 
@@ -462,15 +456,7 @@ def write_shard_files(scratch: str, task: ShardTask, index: faiss.Index, ids: np
 def commit_files(scratch: str, folder: str, entry: dict) -> None:
     """Move each written file into the version folder whole: a rename locally, one upload on GCS."""
     for item in bundle.bundle_files({"shards": [entry]}):
-        source = os.path.join(scratch, item["file"])
-        target = storage.join(folder, item["file"])
-        if storage.is_local(target):
-            path = storage.url_to_fs(target)[1]
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.replace(source, path)
-        else:
-            fs, remote = storage.url_to_fs(target)
-            fs.put_file(source, remote)
+        storage.move_in(os.path.join(scratch, item["file"]), storage.join(folder, item["file"]))
 
 
 def write_faiss(staging: str, k: int, index: faiss.Index, on_disk: bool) -> dict:

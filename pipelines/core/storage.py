@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 
@@ -108,6 +109,18 @@ def download(uri: str, path: str, chunk: int = 1 << 22) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def move_in(path: str, uri: str) -> None:
+    """Move the local file ``path`` to ``uri`` whole: a rename locally (a move across file
+    systems), one upload on GCS (an object appears only complete)."""
+    if is_local(uri):
+        target = url_to_fs(uri)[1]
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        shutil.move(path, target)
+        return
+    fs, remote = url_to_fs(uri)
+    fs.put_file(path, remote)
 
 
 def remove(uri: str) -> None:
