@@ -182,10 +182,8 @@ def build_index(run_uris: list[str], out: str, options: BuildOptions | None = No
     plan = choose_plan(inputs.unique, dim, opts.max_bytes_per_vector, opts.opq, opts.rerank,
                        opts.flat_max, opts.nlist, opts.on_disk)
     use_gpu = gpu.wanted(opts.use_gpu)
-    version = bundle.new_version(input_digest(runs, opts))
+    version = bundle.fresh_version(out, input_digest(runs, opts))
     folder = storage.join(out, version)
-    if storage.exists(storage.join(folder, bundle.MANIFEST)):
-        raise ConfigError(f"{folder} already exists; build again in a second")
     garbage.clean_unpublished(out)  # what killed builds left (it holds embeddings)
     with orphans.in_progress(folder):  # the next build and `faceaudit gc` leave a live build alone
         body = build_into(folder, runs, inputs, plan, opts, use_gpu, model_id, dim, runner or run_local,

@@ -29,6 +29,16 @@ def new_version(input_digest: str) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + input_digest[:8]
 
 
+def fresh_version(out: str, input_digest: str) -> str:
+    """A version name no folder under ``out`` has yet (names are to the second: a killed attempt
+    over the same inputs in the same second left one)."""
+    while True:
+        version = new_version(input_digest)
+        if not storage.exists(storage.join(out, version)):
+            return version
+        time.sleep(1.0 - time.time() % 1.0 + 0.01)
+
+
 def checksum(body: dict) -> str:
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -189,7 +189,7 @@ def build_version(
         plan = replace(
             plan, **{k: v for k, v in base["plan"].items() if k in ("factory", "nlist", "train_size")}
         )
-    version = fresh_version(out, build.input_digest(scoped, b))
+    version = bundle.fresh_version(out, build.input_digest(scoped, b))
     folder = storage.join(out, version)
     attempts: list[dict] = []
     while True:
@@ -227,16 +227,6 @@ def build_version(
         },
     )
     return VersionResult(folder, version, body, decision, time.time() - started, attempts)
-
-
-def fresh_version(out: str, digest: str) -> str:
-    """A version name no folder under ``out`` has yet (names are to the second: a killed attempt
-    over the same inputs in the same second left one)."""
-    while True:
-        version = bundle.new_version(digest)
-        if not storage.exists(storage.join(out, version)):
-            return version
-        time.sleep(1.0 - time.time() % 1.0 + 0.01)
 
 
 def _build_once(
