@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 
 from pipelines.core import storage
+from pipelines.core.errors import FatalError
 from pipelines.core.faults import checkpoint
 
 from .errors import IntegrityError
@@ -24,17 +26,33 @@ MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 
 
+MAX_CLOCK_SKEW_S = 120
+VERSION_NAME = re.compile(r"(\d{8}T\d{6}Z)-[0-9a-f]{8}")
+
+
 def new_version(input_digest: str) -> str:
     """Sortable and unique enough: UTC time to the second, then a digest of the inputs."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + input_digest[:8]
 
 
 def fresh_version(out: str, input_digest: str) -> str:
-    """A version name no folder under ``out`` has yet (names are to the second: a killed attempt
-    over the same inputs in the same second left one)."""
+    """A version name that sorts after every version already under ``out``.
+
+    Names are to the second, and CURRENT's compare-and-swap takes the larger name as the newer
+    one; two builds in one second would otherwise be ordered by their input digests. So a build
+    that starts in a second some earlier version (or a killed attempt) took waits for the next.
+    """
+    stamps = [m.group(1) for m in map(VERSION_NAME.fullmatch, storage.listdir(out)) if m]
+    latest = max(stamps, default="")
+    ahead = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() + MAX_CLOCK_SKEW_S))
+    if latest > ahead:
+        raise FatalError(
+            f"{out} holds version {latest}, more than {MAX_CLOCK_SKEW_S} s ahead of this "
+            "machine's clock; fix the clock (or that name) before building"
+        )
     while True:
         version = new_version(input_digest)
-        if not storage.exists(storage.join(out, version)):
+        if version.split("-")[0] > latest:
             return version
         time.sleep(1.0 - time.time() % 1.0 + 0.01)
 
