@@ -59,9 +59,7 @@ def ingest(
         list[str] | None,
         typer.Option(help="NAME=URI of a data set (folder, tar shards or URI list); repeatable"),
     ] = None,
-    out: Annotated[
-        str | None, typer.Option(help="<out> root: a local folder or gs://bucket/prefix")
-    ] = None,
+    out: Annotated[str | None, typer.Option(help="<out> root: a local folder or gs://bucket/prefix")] = None,
     engine: Annotated[str | None, typer.Option(help="local | ray | beam")] = None,
     run_id: Annotated[
         str | None, typer.Option(help="run id; give an existing one to resume that run")

@@ -72,8 +72,9 @@ def find_orphans(uri: str, older_than_s: float, now: float | None = None) -> lis
     return found + index_orphans(uri, older_than_s, now)
 
 
-def index_orphans(root: str, older_than_s: float, now: float | None = None, next_build: bool = False
-                  ) -> list[Orphan]:
+def index_orphans(
+    root: str, older_than_s: float, now: float | None = None, next_build: bool = False
+) -> list[Orphan]:
     """The orphans of an index root (nothing if it holds no versions).
 
     ``next_build``: the clean-up an index build does first, holding the root's folder lock (under
@@ -93,8 +94,9 @@ def index_orphans(root: str, older_than_s: float, now: float | None = None, next
     return found
 
 
-def _version_orphans(folder: str, name: str, entries: list[Entry], current: str | None, older_than_s: float,
-                     now: float) -> list[Orphan]:
+def _version_orphans(
+    folder: str, name: str, entries: list[Entry], current: str | None, older_than_s: float, now: float
+) -> list[Orphan]:
     from indexing import bundle  # here: indexing imports this module for clean_unpublished
 
     inside = {e.rel[len(name) + 1 :]: e for e in entries}
@@ -106,9 +108,11 @@ def _version_orphans(folder: str, name: str, entries: list[Entry], current: str 
         # by age only: an erasure rewrites a committed version's files in place (new names first)
         listed = {f["file"] for f in bundle.bundle_files(manifest)} | {bundle.MANIFEST}
         dead_lock = {BUILD_LOCK} if writer_state(folder) == DEAD else set()  # killed after its manifest
-        return [Orphan(e.uri, e.bytes, "temporary file" if is_tmp(rel) else "not in the version's manifest")
-                for rel, e in inside.items()
-                if rel not in listed and (e.mtime <= now - older_than_s or rel in dead_lock)]
+        return [
+            Orphan(e.uri, e.bytes, "temporary file" if is_tmp(rel) else "not in the version's manifest")
+            for rel, e in inside.items()
+            if rel not in listed and (e.mtime <= now - older_than_s or rel in dead_lock)
+        ]
     if name == current:
         return []  # CURRENT names it: never touched, even without a manifest
     state = writer_state(folder)
@@ -161,8 +165,11 @@ def _root_lock(folder: str) -> Iterator[None]:
 
 def gc(
     uri: Annotated[str, typer.Argument(help="an <out> root, a run folder or an index root (local or gs://)")],
-    older_than: Annotated[str, typer.Option(
-        help="leave alone whatever changed more recently (30m, 6h, 2d; 0: nothing is in progress)")
+    older_than: Annotated[
+        str,
+        typer.Option(
+            help="leave alone whatever changed more recently (30m, 6h, 2d; 0: nothing is in progress)"
+        ),
     ] = DEFAULT_OLDER_THAN,
     dry_run: Annotated[bool, typer.Option(help="list what would be deleted; delete nothing")] = False,
 ) -> None:

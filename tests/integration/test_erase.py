@@ -37,9 +37,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 def ingest(root: Path, run_id: str, log: str | None = None):
     # decode runs in this process: small trusted copies, and no worker start-up per test
-    job = JobConfig(datasets=[DatasetSpec(name="deepface", source="photos")], out="out", run_id=run_id,
-                    images_per_shard=8, progress=False, workers=1, erasure_log=log,
-                    decode=DecodeConfig.model_validate({"isolate": False}))
+    job = JobConfig(
+        datasets=[DatasetSpec(name="deepface", source="photos")],
+        out="out",
+        run_id=run_id,
+        images_per_shard=8,
+        progress=False,
+        workers=1,
+        erasure_log=log,
+        decode=DecodeConfig.model_validate({"isolate": False}),
+    )
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -129,8 +136,11 @@ def faiss_ids(index) -> np.ndarray:
     if isinstance(index, faiss.IndexIDMap):
         return faiss.vector_to_array(index.id_map)
     ivf = faiss.extract_index_ivf(index)
-    lists = [faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
-             for i in range(ivf.nlist) if ivf.invlists.list_size(i)]
+    lists = [
+        faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
+        for i in range(ivf.nlist)
+        if ivf.invlists.list_size(i)
+    ]
     return np.concatenate(lists) if lists else np.zeros(0, np.int64)
 
 
@@ -166,12 +176,16 @@ def test_erase_by_photo_leaves_no_trace_and_other_people_unchanged(work, queries
     # a download cache holding these faces (as a remote index leaves behind) is purged too
     cache = work.parent / "home" / ".cache" / "faceaudit" / "index" / "old-version"
     shutil.copytree(Path(before.folder) / "store", cache / "store")
-    result = CliRunner().invoke(app, ["erase", "--index", "index", "--photo", "photos/img1.jpg",
-                                      "--export", "export", "--yes", "--json"])
+    result = CliRunner().invoke(
+        app,
+        ["erase", "--index", "index", "--photo", "photos/img1.jpg", "--export", "export", "--yes", "--json"],
+    )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output[result.output.index("{\n"):])
+    report = json.loads(result.output[result.output.index("{\n") :])
     assert report["run_faces_removed"] == len(ids) and sorted(report["bundle_faces_removed"].values()) == [
-        len(ids), len(ids)]
+        len(ids),
+        len(ids),
+    ]
     assert report["caches_removed"] == [str(cache)] and not cache.exists()
     after = open_index("index")
     assert after.ntotal == before.ntotal - len(ids)
@@ -217,8 +231,18 @@ def test_killed_erase_completes_when_run_again(work, queries):
     found, _ = find_by_ids(index, [m[0] for m in matches(index, queries["img4"])])
     ids = sorted({f.face_id for f in found})
     _, vectors = erased_faces(work, queries["img4"])
-    command = [sys.executable, "-m", "pipelines", "erase", "--index", "index", "--export", "export", "--yes",
-               *(a for i in ids for a in ("--face-id", str(i)))]
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines",
+        "erase",
+        "--index",
+        "index",
+        "--export",
+        "export",
+        "--yes",
+        *(a for i in ids for a in ("--face-id", str(i))),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for point in KILL_POINTS:  # each run is killed one step further on, from what the last one left
         done = subprocess.run(command, env={**env, "FACEAUDIT_KILL_AT": point}, capture_output=True)
@@ -241,8 +265,15 @@ def test_killed_erase_completes_when_run_again(work, queries):
     leftovers = [p for p in work.rglob("*") if storage.TMP_MARK in p.name or p.name == PENDING]
     assert not leftovers
     assert sorted(p.name for p in Path(complete.folder).rglob("*") if p.is_file()) == sorted(
-        ["manifest.json", *(Path(e["file"]).name for s in complete.manifest["shards"]
-                            for e in (s["index"], s["ids"], s["metadata"]))])
+        [
+            "manifest.json",
+            *(
+                Path(e["file"]).name
+                for s in complete.manifest["shards"]
+                for e in (s["index"], s["ids"], s["metadata"])
+            ),
+        ]
+    )
 
 
 # ---------------------------------------------------------------- GCS (fake-gcs-server)
@@ -256,7 +287,7 @@ def upload_tree(local: Path, uri: str) -> None:
 def download_tree(uri: str, local: Path) -> None:
     prefix = uri.rstrip("/") + "/"
     for item in storage.walk_files(uri):
-        storage.download(item, str(local / item[len(prefix):]))
+        storage.download(item, str(local / item[len(prefix) :]))
 
 
 def noncurrent(uri: str) -> list[str]:
@@ -268,26 +299,35 @@ def noncurrent(uri: str) -> list[str]:
 def deletes_noncurrent_generations(emulator) -> bool:
     """Whether the emulator deletes exactly the noncurrent generation a DELETE names (GCS does)."""
     bucket = "probe-versions"
-    emulator.http.post(f"{emulator.url}/storage/v1/b", params={"project": "test"},
-                       json={"name": bucket, "versioning": {"enabled": True}})
+    emulator.http.post(
+        f"{emulator.url}/storage/v1/b",
+        params={"project": "test"},
+        json={"name": bucket, "versioning": {"enabled": True}},
+    )
     first = int(emulator.upload(bucket, "o", b"one", 0).json()["generation"])
     emulator.upload(bucket, "o", b"two", first)
     emulator.http.delete(f"{emulator.url}/storage/v1/b/{bucket}/o/o", params={"generation": first})
     live = emulator.http.get(f"{emulator.url}/storage/v1/b/{bucket}/o/o", params={"alt": "media"})
-    old = emulator.http.get(f"{emulator.url}/storage/v1/b/{bucket}/o/o",
-                            params={"alt": "media", "generation": first})
+    old = emulator.http.get(
+        f"{emulator.url}/storage/v1/b/{bucket}/o/o", params={"alt": "media", "generation": first}
+    )
     return live.ok and live.content == b"two" and old.status_code == 404
 
 
 @pytest.mark.parametrize("versioned", [False, True], ids=["plain-bucket", "versioned-bucket"])
 def test_erase_on_gcs(gcs_emulator, pristine, queries, tmp_path, monkeypatch, versioned):  # noqa: F811
     if versioned and not deletes_noncurrent_generations(gcs_emulator):
-        pytest.skip("fake-gcs-server ignores the generation of a DELETE and removes the live object "
-                    "instead (probed), so deleting noncurrent versions cannot be tested on it")
+        pytest.skip(
+            "fake-gcs-server ignores the generation of a DELETE and removes the live object "
+            "instead (probed), so deleting noncurrent versions cannot be tested on it"
+        )
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     name = "faceaudit-erase-versioned" if versioned else "faceaudit-erase"
-    gcs_emulator.http.post(f"{gcs_emulator.url}/storage/v1/b", params={"project": "test"},
-                           json={"name": name, "versioning": {"enabled": versioned}})
+    gcs_emulator.http.post(
+        f"{gcs_emulator.url}/storage/v1/b",
+        params={"project": "test"},
+        json={"name": name, "versioning": {"enabled": versioned}},
+    )
     root = f"gs://{name}"
     upload_tree(pristine / "out" / "runs" / "r1", storage.join(root, "out", "runs", "r1"))
     build_index([storage.join(root, "out")], storage.join(root, "index"))
@@ -329,15 +369,24 @@ def test_a_rebuild_that_reingests_the_data_set_does_not_bring_them_back(tmp_path
         spec = {"name": "deepface", "version": version, "source": str(photos), "license": "test"}
         (registry / "deepface.yaml").write_text(yaml.safe_dump(spec))
 
-    config = RebuildConfig(registry=str(registry), work=str(tmp_path / "work"), index=str(tmp_path / "index"),
-                           workers=1, progress=False, images_per_shard=2,
-                           decode=DecodeConfig.model_validate({"isolate": False}))
+    config = RebuildConfig(
+        registry=str(registry),
+        work=str(tmp_path / "work"),
+        index=str(tmp_path / "index"),
+        workers=1,
+        progress=False,
+        images_per_shard=2,
+        decode=DecodeConfig.model_validate({"isolate": False}),
+    )
     register("1")
     rebuild(config)
     index = open_index(config.index)
     vectors = run_vectors(tmp_path / "work")
-    person = {h.face_id for h in index.search(vectors["img1.jpg"], k=index.ntotal)[0]
-              if h.score >= index.match_threshold}
+    person = {
+        h.face_id
+        for h in index.search(vectors["img1.jpg"], k=index.ntotal)[0]
+        if h.score >= index.match_threshold
+    }
     assert len(person) == 2  # img1 and img2
     found, _ = find_by_ids(index, sorted(person))
     erase(config.index, found)

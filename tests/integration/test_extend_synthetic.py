@@ -41,15 +41,17 @@ def test_extend_then_retrain_past_the_growth_factor(tmp_path, runs):
     first = build_version([runs["r1"]], {"r1": {"s1"}}, out, options())
     assert first.decision.mode == "retrain" and first.manifest["factory"].startswith("IVF")
     base = publish(out, first)
-    second = build_version([runs["r1"], runs["r2"]], {"r1": {"s1"}, "r2": {"s2"}}, out, options(), base,
-                           first.folder)
+    second = build_version(
+        [runs["r1"], runs["r2"]], {"r1": {"s1"}, "r2": {"s2"}}, out, options(), base, first.folder
+    )
     assert second.decision.mode == "extend", second.decision.reason
     assert second.manifest["counts"]["faces"] == 5000 and second.manifest["recall"]["at_10"] >= 0.9
     assert second.manifest["factory"] == base["factory"]  # the same trained index, extended
     assert second.manifest["rebuild"]["trained_for"] == 4000
     base2 = publish(out, second)
-    third = build_version(list(runs.values()), {"r1": {"s1"}, "r2": {"s2"}, "r3": {"s3"}}, out, options(),
-                          base2, second.folder)
+    third = build_version(
+        list(runs.values()), {"r1": {"s1"}, "r2": {"s2"}, "r3": {"s3"}}, out, options(), base2, second.folder
+    )
     assert third.decision.mode == "retrain" and "2x" in third.decision.reason  # 9000 > 2 x 4000
 
 
@@ -58,8 +60,9 @@ def test_retrain_when_the_extended_index_misses_the_target(tmp_path, runs):
     tight = {"max_bytes_per_vector": 16, "target_recall": 0.999, "rerank": False}  # PQ codes: recall < 1
     first = build_version([runs["r1"]], {"r1": {"s1"}}, out, options(**tight))
     base = publish(out, first)
-    second = build_version([runs["r1"], runs["r2"]], {"r1": {"s1"}, "r2": {"s2"}}, out, options(**tight),
-                           base, first.folder)
+    second = build_version(
+        [runs["r1"], runs["r2"]], {"r1": {"s1"}, "r2": {"s2"}}, out, options(**tight), base, first.folder
+    )
     assert [a["mode"] for a in second.attempts] == ["extend", "retrain"]
     assert second.decision.mode == "retrain" and "below the target" in second.decision.reason
 

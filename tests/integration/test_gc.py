@@ -65,8 +65,11 @@ def plant(root: str, files: dict[str, tuple[str, str]]) -> None:
 
 
 def deleted_lines(output: str) -> set[str]:
-    return {line.split(" (", 1)[0].split(" ", 2)[-1] for line in output.splitlines()
-            if line.startswith(("deleted ", "would delete ")) and " bytes): " in line}
+    return {
+        line.split(" (", 1)[0].split(" ", 2)[-1]
+        for line in output.splitlines()
+        if line.startswith(("deleted ", "would delete ")) and " bytes): " in line
+    }
 
 
 def make_out_and_index(root: str) -> tuple[str, str]:
@@ -85,8 +88,10 @@ def committed_files(root: str, index: str) -> dict[str, str]:
     keep += [storage.join(run, s["file"]) for s in read_json(storage.join(run, "_manifest.json"))["shards"]]
     folder = storage.join(index, storage.read_text(storage.join(index, "CURRENT")).strip())
     keep += [storage.join(index, "CURRENT"), storage.join(folder, "manifest.json")]
-    keep += [storage.join(folder, f["file"])
-             for f in bundle.bundle_files(read_json(storage.join(folder, "manifest.json")))]
+    keep += [
+        storage.join(folder, f["file"])
+        for f in bundle.bundle_files(read_json(storage.join(folder, "manifest.json")))
+    ]
     return {uri: storage.sha256_file(uri) for uri in keep}
 
 
@@ -124,13 +129,15 @@ def test_gc_on_local_disk(tmp_path):
         assert all(storage.exists(uri) for uri in expected(root, RUN_FILES, "delete"))
         out = "".join(run_gc(uri, "--older-than", "1h") for uri in (root, index))
 
-    gone = {storage.join(root, "runs", "done", "faces", "part-stray.parquet"),
-            storage.join(root, "runs", "done", "images", ".part-x.parquet.tmp-abc"),
-            storage.join(root, "runs", "crashed"),
-            storage.join(index, ".CURRENT.tmp-zz"),
-            storage.join(index, "20200101T000000Z-deadbeef"),
-            storage.join(index, "20200103T000000Z-0000dead"),
-            storage.join(index, version, ".manifest.json.tmp-q")}
+    gone = {
+        storage.join(root, "runs", "done", "faces", "part-stray.parquet"),
+        storage.join(root, "runs", "done", "images", ".part-x.parquet.tmp-abc"),
+        storage.join(root, "runs", "crashed"),
+        storage.join(index, ".CURRENT.tmp-zz"),
+        storage.join(index, "20200101T000000Z-deadbeef"),
+        storage.join(index, "20200103T000000Z-0000dead"),
+        storage.join(index, version, ".manifest.json.tmp-q"),
+    }
     assert deleted_lines(dry) == gone == deleted_lines(out)
     assert not [uri for uri in gone if storage.exists(uri)]
     kept = expected(root, RUN_FILES, "keep") | expected(index, INDEX_FILES, "keep") | {locked}
@@ -157,12 +164,19 @@ def test_gc_in_gcs(gcs_emulator):  # noqa: F811
     assert "deleted 0 file(s)" in run_gc(root, "--older-than", "1h") + run_gc(index, "--older-than", "1h")
     # ... and 0 (nothing is in progress) deletes every orphan, whatever its age
     out = run_gc(root, "--older-than", "0") + run_gc(index, "--older-than", "0")
-    gone = {uri for uri in expected(root, RUN_FILES, "delete") | expected(index, INDEX_FILES, "delete")
-            if "/crashed/" not in uri and "dead" not in uri}
-    gone |= {storage.join(root, "runs", "crashed"), storage.join(index, "20200101T000000Z-deadbeef"),
-             storage.join(index, "20200103T000000Z-0000dead"),
-             storage.join(root, "runs", "done", "faces", "part-fresh.parquet"),
-             storage.join(root, "runs", "running"), storage.join(index, "20990101T000000Z-0badf00d")}
+    gone = {
+        uri
+        for uri in expected(root, RUN_FILES, "delete") | expected(index, INDEX_FILES, "delete")
+        if "/crashed/" not in uri and "dead" not in uri
+    }
+    gone |= {
+        storage.join(root, "runs", "crashed"),
+        storage.join(index, "20200101T000000Z-deadbeef"),
+        storage.join(index, "20200103T000000Z-0000dead"),
+        storage.join(root, "runs", "done", "faces", "part-fresh.parquet"),
+        storage.join(root, "runs", "running"),
+        storage.join(index, "20990101T000000Z-0badf00d"),
+    }
     assert deleted_lines(out) == gone
     assert not [uri for uri in gone if storage.exists(uri)]
     assert storage.exists(storage.join(root, "runs", "done", "notes.txt"))

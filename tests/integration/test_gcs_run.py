@@ -77,9 +77,16 @@ def rows(run: str, table: str) -> list[dict]:
 
 def hits(index, vectors: np.ndarray) -> list[list[tuple]]:
     return [
-        [(h.face_id, round(h.score, 5), h.image_sha256, h.bbox, sorted(o.source_uri.rsplit("/", 1)[-1]
-                                                                         for o in h.occurrences))
-         for h in found]
+        [
+            (
+                h.face_id,
+                round(h.score, 5),
+                h.image_sha256,
+                h.bbox,
+                sorted(o.source_uri.rsplit("/", 1)[-1] for o in h.occurrences),
+            )
+            for h in found
+        ]
         for found in index.search(vectors, k=5)
     ]
 
@@ -117,7 +124,10 @@ def test_a_run_and_index_in_gcs_equal_the_same_on_disk(bucket, gcs_run, local, t
     summary, local_index, queries = local
     assert gcs_run.uri.startswith("gs://") and gcs_run.manifest["counts"] == summary.manifest["counts"]
     assert gcs_run.manifest["counts"]["faces"] > 0 and set(gcs_run.manifest["counts"]["per_dataset"]) == {
-        "folder", "tars", "list"}
+        "folder",
+        "tars",
+        "list",
+    }
     for table in ("images", "faces"):
         assert rows(gcs_run.uri, table) == rows(summary.uri, table)
     index = open_index(storage.join(bucket, "index"), cache_dir=str(tmp_path / "cache"))
@@ -126,13 +136,14 @@ def test_a_run_and_index_in_gcs_equal_the_same_on_disk(bucket, gcs_run, local, t
     assert not [u for u in storage.walk_files(bucket) if storage.TMP_MARK in u]
 
 
-def test_open_index_through_flipped_and_dropped_downloads(bucket, gcs_run, local, tmp_path,
-                                                          fault_proxy):  # noqa: F811
+def test_open_index_through_flipped_and_dropped_downloads(bucket, gcs_run, local, tmp_path, fault_proxy):  # noqa: F811
     _, local_index, queries = local
-    fault_proxy.plan(Fault("flip", "GET", "*CURRENT?alt=media*"),
-                     Fault("flip", "GET", "*manifest.json?alt=media*"),
-                     Fault("flip", "GET", "*shard-0.faissindex?alt=media*"),
-                     Fault("drop", "GET", "*metadata%2Fpart-0.parquet?alt=media*"))
+    fault_proxy.plan(
+        Fault("flip", "GET", "*CURRENT?alt=media*"),
+        Fault("flip", "GET", "*manifest.json?alt=media*"),
+        Fault("flip", "GET", "*shard-0.faissindex?alt=media*"),
+        Fault("drop", "GET", "*metadata%2Fpart-0.parquet?alt=media*"),
+    )
     index = open_index(storage.join(bucket, "index"), cache_dir=str(tmp_path / "cache"))
     assert len(fault_proxy.injected) == 4, fault_proxy.injected
     assert hits(index, queries) == hits(local_index, queries)

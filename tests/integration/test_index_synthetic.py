@@ -30,8 +30,9 @@ def runs(tmp_path_factory) -> Path:
     x = vectors(3000)
     extra = {5: [("other", "synthetic://other/5.jpg")], 2600: [("other", "synthetic://other/2600.jpg")]}
     synthetic.write_run(str(out), "run-a", iter([x[:1000], x[1000:2000]]), DIM, extra_occurrences=extra)
-    synthetic.write_run(str(out), "run-b", iter([x[1500:2500], x[2500:]]), DIM, start=1500,
-                        extra_occurrences=extra)
+    synthetic.write_run(
+        str(out), "run-b", iter([x[1500:2500], x[2500:]]), DIM, start=1500, extra_occurrences=extra
+    )
     return out
 
 
@@ -52,8 +53,9 @@ def test_build_dedupes_and_records_occurrences(built):
     index = open_index(str(out))
     x = vectors(3000)
     hits = index.search(x[[5, 2600, 7]], k=1)
-    assert [h[0].face_id for h in hits] == [synthetic.face_id(synthetic.image_sha(i), synthetic.MODEL_ID, 0)
-                                             for i in (5, 2600, 7)]
+    assert [h[0].face_id for h in hits] == [
+        synthetic.face_id(synthetic.image_sha(i), synthetic.MODEL_ID, 0) for i in (5, 2600, 7)
+    ]
     assert hits[0][0].score == pytest.approx(1.0, abs=1e-2)
     assert {o.dataset for o in hits[0][0].occurrences} == {"synthetic", "other"}
     assert len(hits[1][0].occurrences) == 2 and len(hits[2][0].occurrences) == 1
@@ -65,8 +67,11 @@ def faiss_ids(path: Path) -> np.ndarray:
 
     index = faiss.read_index(str(path))
     ivf = faiss.extract_index_ivf(index)
-    lists = [faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
-             for i in range(ivf.nlist) if ivf.invlists.list_size(i)]
+    lists = [
+        faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
+        for i in range(ivf.nlist)
+        if ivf.invlists.list_size(i)
+    ]
     return np.sort(np.concatenate(lists))
 
 
@@ -130,8 +135,10 @@ def test_built_twice_same_ids_and_results(runs, tmp_path):
     opts = BuildOptions(max_bytes_per_vector=24, **SMALL)
     a = build_index([str(runs)], str(tmp_path / "a"), opts)
     b = build_index([str(runs)], str(tmp_path / "b"), opts)
-    ids = [np.sort(np.concatenate([np.load(r.folder + "/" + s["ids"]["file"]) for s in r.manifest["shards"]]))
-           for r in (a, b)]
+    ids = [
+        np.sort(np.concatenate([np.load(r.folder + "/" + s["ids"]["file"]) for s in r.manifest["shards"]]))
+        for r in (a, b)
+    ]
     assert np.array_equal(*ids)
     q = vectors(300, seed=9)
     ra, rb = (open_index(r.folder).search_ids(q, 10) for r in (a, b))
@@ -194,8 +201,9 @@ def test_recall_reaches_target_at_stored_nprobe(tmp_path):
     truth = faiss.knn(queries, base, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]
     index = open_index(str(tmp_path / "index"))
     found = index.search_ids(queries, 10)[1]
-    keys = np.array([synthetic.face_id(synthetic.image_sha(i), synthetic.MODEL_ID, 0)
-                     for i in range(100_000)])
+    keys = np.array(
+        [synthetic.face_id(synthetic.image_sha(i), synthetic.MODEL_ID, 0) for i in range(100_000)]
+    )
     recall = np.mean([len(np.intersect1d(f, keys[t])) / 10 for f, t in zip(found, truth, strict=True)])
     assert recall >= m["recall"]["target"] == 0.95
 

@@ -75,8 +75,14 @@ def photos(tmp_path_factory, faces_dir) -> Path:
 def reference(tmp_path_factory, photos) -> Path:
     """The uninterrupted run (in this process, the settings of the killed runs)."""
     out = tmp_path_factory.mktemp("kill-reference")
-    job = JobConfig(datasets=[DatasetSpec(name="faces", source=str(photos))], out=str(out), run_id=RUN_ID,
-                    images_per_shard=PER_SHARD, workers=1, progress=False)
+    job = JobConfig(
+        datasets=[DatasetSpec(name="faces", source=str(photos))],
+        out=str(out),
+        run_id=RUN_ID,
+        images_per_shard=PER_SHARD,
+        workers=1,
+        progress=False,
+    )
     return Path(run_job(job).uri)
 
 
@@ -119,8 +125,14 @@ def run_cli(args: list[str], tmp: Path, point: str | None = None, **env: str) ->
         environ.update({KILL_AT: point, KILL_ONCE: str(marker)})
     log = marker.with_name(marker.name.replace("killed", "stderr"))
     with open(log, "w") as err:  # a file, not a pipe: a killed job's orphans may hold a pipe open
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines", *args], cwd=REPO, env=environ,
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines", *args],
+            cwd=REPO,
+            env=environ,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
         try:
             proc.wait(timeout=300)
         finally:
@@ -135,9 +147,22 @@ def run_cli(args: list[str], tmp: Path, point: str | None = None, **env: str) ->
 
 
 def ingest(out: Path, photos: Path, engine: str, **kw) -> Outcome:
-    args = ["ingest", "--dataset", f"faces={photos}", "--out", str(out), "--run-id", RUN_ID,
-            "--engine", engine, "--images-per-shard", str(PER_SHARD), "--no-progress",
-            "--workers", "2" if engine == "ray" else "1"]
+    args = [
+        "ingest",
+        "--dataset",
+        f"faces={photos}",
+        "--out",
+        str(out),
+        "--run-id",
+        RUN_ID,
+        "--engine",
+        engine,
+        "--images-per-shard",
+        str(PER_SHARD),
+        "--no-progress",
+        "--workers",
+        "2" if engine == "ray" else "1",
+    ]
     return run_cli(args, out.parent, **kw)
 
 
@@ -186,8 +211,11 @@ def assert_same_faces(got: list[dict], want: list[dict]) -> None:
 
 
 def assert_no_leftovers(root: Path) -> None:
-    left = [p for p in root.rglob("*")
-            if ".tmp-" in p.name or p.name in ("_beam-plan.jsonl", ".faceaudit-build.lock")]
+    left = [
+        p
+        for p in root.rglob("*")
+        if ".tmp-" in p.name or p.name in ("_beam-plan.jsonl", ".faceaudit-build.lock")
+    ]
     assert not left, f"left behind: {left}"
 
 
@@ -195,8 +223,10 @@ def search(index: str, queries: np.ndarray) -> list:
     idx = open_index(index)  # checks every file's sha256 first
     try:
         scores, ids = idx.search_ids(queries, 5)
-        return [[(int(i), round(float(s), 5)) for s, i in zip(row_s, row_i, strict=True)]
-                for row_s, row_i in zip(scores, ids, strict=True)]
+        return [
+            [(int(i), round(float(s), 5)) for s, i in zip(row_s, row_i, strict=True)]
+            for row_s, row_i in zip(scores, ids, strict=True)
+        ]
     finally:
         idx.close()
 
@@ -261,8 +291,11 @@ def test_cleanup_keeps_shards_of_planned_units(tmp_path, photos, reference):
     shutil.copytree(reference.parent.parent, out)
     run = out / "runs" / RUN_ID
     (run / "_manifest.json").unlink()
-    stray = [run / "faces" / "part-gone.parquet", run / "images" / "part-gone.parquet",
-             run / "faces" / ".part-x.parquet.tmp-0"]
+    stray = [
+        run / "faces" / "part-gone.parquet",
+        run / "images" / "part-gone.parquet",
+        run / "faces" / ".part-x.parquet.tmp-0",
+    ]
     for path in stray:
         path.write_bytes(b"abandoned")
     again = ingest(out, photos, "local")

@@ -72,8 +72,9 @@ def test_a_run_drops_the_faces_its_log_names(tmp_path):
     log = str(tmp_path / "index" / "_erasure")
     erasure.ErasureLog(log).append([2], [SHA_A], whole_images=[SHA_B])
     run = str(tmp_path / "runs" / "r1")
-    faces = pa.table({"face_id": pa.array([1, 2, 3, 4], pa.int64()),
-                      "image_sha256": [SHA_A, SHA_A, SHA_B, SHA_A]})
+    faces = pa.table(
+        {"face_id": pa.array([1, 2, 3, 4], pa.int64()), "image_sha256": [SHA_A, SHA_A, SHA_B, SHA_A]}
+    )
     assert erasure.drop_erased(run, faces) == faces  # no pointer: the run honours no log
     erasure.point_run(run, log)
     assert erasure.drop_erased(run, faces).column("face_id").to_pylist() == [1, 4]

@@ -52,8 +52,9 @@ def test_plan_follows_size_and_budget():
 
 
 def test_merge_topk_and_recall():
-    s, i = merge_topk([np.array([[0.9, 0.1]]), np.array([[0.5, 0.95]])],
-                      [np.array([[1, 2]]), np.array([[3, -1]])], 3)
+    s, i = merge_topk(
+        [np.array([[0.9, 0.1]]), np.array([[0.5, 0.95]])], [np.array([[1, 2]]), np.array([[3, -1]])], 3
+    )
     assert i.tolist() == [[1, 3, 2]]  # the -1 pad never wins, even with a high score
     assert recall_at(np.array([[1, 2, 3]]), np.array([[3, 1, 9]]), 3) == pytest.approx(2 / 3)
     assert drop_self(np.array([[7, 1, 2], [1, 2, 3]]), np.array([7, 9]), 2).tolist() == [[1, 2], [1, 2]]
@@ -75,10 +76,12 @@ def test_occurrences_fall_back_to_the_faces_row():
 
     from indexing.build import occurrence_lists
 
-    meta = pa.table({"image_sha256": ["b", "a", "c"], "dataset": ["d1", "d1", "d2"],
-                     "source_uri": ["u-b", "u-a", "u-c"]})
-    found = pa.table({"image_sha256": ["a", "a", "b"], "dataset": ["d1", "d3", "d1"],
-                      "source_uri": ["u-a", "x", "u-b"]})
+    meta = pa.table(
+        {"image_sha256": ["b", "a", "c"], "dataset": ["d1", "d1", "d2"], "source_uri": ["u-b", "u-a", "u-c"]}
+    )
+    found = pa.table(
+        {"image_sha256": ["a", "a", "b"], "dataset": ["d1", "d3", "d1"], "source_uri": ["u-a", "x", "u-b"]}
+    )
     assert occurrence_lists(meta, found).to_pylist() == [
         [{"dataset": "d1", "source_uri": "u-b"}],
         [{"dataset": "d1", "source_uri": "u-a"}, {"dataset": "d3", "source_uri": "x"}],
@@ -98,12 +101,14 @@ def test_rerank_factors_double_up_to_the_largest(first, largest):
 
 def _depth_search(truth: np.ndarray, found_share):
     """A search whose recall@10 is found_share(nprobe, factor): that many true ids, then misses."""
+
     def search(x, k, nprobe, factor):
         keep = int(round(10 * found_share(nprobe, factor)))
         out = np.full((len(x), k), -1, dtype=np.int64)
         out[:, 0] = np.arange(len(x))  # each query's own id, dropped by the measurement
-        out[:, 1:1 + keep] = truth[:, :keep]
+        out[:, 1 : 1 + keep] = truth[:, :keep]
         return out
+
     return search
 
 

@@ -148,8 +148,9 @@ def test_the_rebuild_schedules_run_real_commands():
     spec = importlib.util.spec_from_file_location("rebuild_main", INFRA / "dataflow" / "rebuild_main.py")
     rebuild_main = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rebuild_main)
-    args = rebuild_main.rebuild_args(["--registry=gs://b/r", "--work=gs://b/w", "--index=gs://b/i",
-                                      "--project=p"])
+    args = rebuild_main.rebuild_args(
+        ["--registry=gs://b/r", "--work=gs://b/w", "--index=gs://b/i", "--project=p"]
+    )
     assert args[0] == "rebuild" and "--runner=DataflowRunner" in args and "--project=p" in args
     assert {a for a in args if a.startswith("--") and "=" not in a} <= commands["rebuild"]
     template = json.loads((INFRA / "dataflow" / "rebuild-template.json").read_text())
