@@ -28,6 +28,7 @@ import ctypes
 import hashlib
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import resource
 import signal
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 # job sets decode.test_hooks, and only inside an isolated worker process.
 TEST_SEGFAULT = b"FACEAUDIT-TEST-HOOK:SEGFAULT"
 TEST_HANG = b"FACEAUDIT-TEST-HOOK:HANG"
+TEST_CRASH_ONCE = b"FACEAUDIT-TEST-HOOK:CRASH-ONCE:"  # + a marker file's path: crash if it is absent
 
 IDLE = -1  # the stage mark of a worker that is not inside a guarded stage
 
@@ -111,6 +113,11 @@ def test_hook(data: bytes) -> None:
         ctypes.string_at(0)  # reads address 0: a real SIGSEGV in this process
     elif data.startswith(TEST_HANG):
         time.sleep(3600)
+    elif data.startswith(TEST_CRASH_ONCE):  # a decoder that dies once, then works (a flaky start)
+        marker = data[len(TEST_CRASH_ONCE) :].decode()
+        if not os.path.exists(marker):
+            open(marker, "x").close()
+            ctypes.string_at(0)
 
 
 def mark_isolated() -> None:

@@ -181,7 +181,7 @@ def build_pipeline(p, job: JobConfig, run_id: str, plan: str, started: dt.dateti
         | "Owners" >> beam.ParDo(PickOwner()).with_outputs(KNOWN, main="todo")
     )
     handler = FaceModelHandler(job.model, default_batch_size(job.model, job.beam.max_batch_size))
-    decoded, crashed = owners.todo | "Decode" >> _decode_step(job.decode)
+    decoded, crashed = _decode(owners.todo, job.decode)
     analysed = (
         (
             decoded | "Analyse" >> inference.RunInference(inference.KeyedModelHandler(handler)),
@@ -248,6 +248,31 @@ def _fan_out(element: tuple[list[Occurrence], ImageResult]) -> Iterator[tuple[in
     for i, occ in enumerate(occurrences):
         row = UnitRow(position_of(occ.order), occ.raw, result if i == 0 else slim, owner=i == 0)
         yield ordinal_of(occ.order), row
+
+
+def _decode(todo, decode: DecodeConfig):
+    """Decoded owners and the dead letters of those that killed the decoder twice.
+
+    An image whose decode subprocess died is decoded once more in a fresh one before it becomes an
+    error row: Beam starts the subprocess outside its crash handling, so a subprocess that dies
+    while starting fails the element it was started for and the next one (seen as pairs of
+    healthy photos marked 'crashed' in 320, on the DirectRunner). A real crasher dies twice.
+    """
+    decoded, crashed = todo | "Decode" >> _decode_step(decode)
+    if not decode.isolate:
+        return decoded, crashed
+    died = crashed | "Died" >> beam.Filter(lambda dead: not _timed_out(dead))
+    timed_out = crashed | "Timed out" >> beam.Filter(_timed_out)  # a hang is not tried again
+    inputs = died | "Dead input" >> beam.Map(lambda dead: dead[0])
+    again, crashed_twice = inputs | "Decode again" >> _decode_step(decode)
+    return (
+        (decoded, again) | "Decoded" >> beam.Flatten(),
+        (timed_out, crashed_twice) | "Dead letters" >> beam.Flatten(),
+    )
+
+
+def _timed_out(dead: tuple) -> bool:
+    return issubclass(dead[1][0], TimeoutError)
 
 
 def _decode_step(decode: DecodeConfig):
