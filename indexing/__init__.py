@@ -16,6 +16,13 @@ from .errors import IntegrityError, QueryError
 from .search import Hit, Index, Occurrence, open_index
 
 __all__ = [
-    "BuildOptions", "BuildResult", "Hit", "Index", "IntegrityError", "Occurrence", "QueryError",
-    "build_index", "open_index",
+    "BuildOptions",
+    "BuildResult",
+    "Hit",
+    "Index",
+    "IntegrityError",
+    "Occurrence",
+    "QueryError",
+    "build_index",
+    "open_index",
 ]

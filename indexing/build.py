@@ -161,8 +161,9 @@ def run_local(tasks: list[ShardTask], trained: bytes, queries: np.ndarray) -> li
     return [build_shard(task, trained, queries) for task in tasks]
 
 
-def build_index(run_uris: list[str], out: str, options: BuildOptions | None = None,
-                runner: ShardRunner | None = None) -> BuildResult:
+def build_index(
+    run_uris: list[str], out: str, options: BuildOptions | None = None, runner: ShardRunner | None = None
+) -> BuildResult:
     """Build a new version under ``out`` from the committed runs and point CURRENT at it.
 
     ``runner`` runs the per-shard adds (default: here, in order). Every runner gives the same
@@ -179,30 +180,56 @@ def build_index(run_uris: list[str], out: str, options: BuildOptions | None = No
     watch.lap("scan_ids")
     if inputs.unique == 0:
         raise ConfigError("the runs hold no faces; nothing to index")
-    plan = choose_plan(inputs.unique, dim, opts.max_bytes_per_vector, opts.opq, opts.rerank,
-                       opts.flat_max, opts.nlist, opts.on_disk)
+    plan = choose_plan(
+        inputs.unique,
+        dim,
+        opts.max_bytes_per_vector,
+        opts.opq,
+        opts.rerank,
+        opts.flat_max,
+        opts.nlist,
+        opts.on_disk,
+    )
     use_gpu = gpu.wanted(opts.use_gpu)
     version = bundle.fresh_version(out, input_digest(runs, opts))
     folder = storage.join(out, version)
     garbage.clean_unpublished(out)  # what killed builds left (it holds embeddings)
     with orphans.in_progress(folder):  # the next build and `faceaudit gc` leave a live build alone
-        body = build_into(folder, runs, inputs, plan, opts, use_gpu, model_id, dim, runner or run_local,
-                          watch)
-        body.update(version=version, created_at=iso_now(), build_seconds=round(time.time() - started, 1),
-                    built_on_gpu=use_gpu, build_phases=watch.laps)
+        body = build_into(
+            folder, runs, inputs, plan, opts, use_gpu, model_id, dim, runner or run_local, watch
+        )
+        body.update(
+            version=version,
+            created_at=iso_now(),
+            build_seconds=round(time.time() - started, 1),
+            built_on_gpu=use_gpu,
+            build_phases=watch.laps,
+        )
         commit_bundle(out, version, body)
     return BuildResult(folder, version, body, time.time() - started)
 
 
-def build_into(folder: str, runs: list[Run], inputs: Inputs, plan: IndexPlan, opts: BuildOptions,
-               use_gpu: bool, model_id: str, dim: int, runner: ShardRunner, watch: Stopwatch) -> dict:
+def build_into(
+    folder: str,
+    runs: list[Run],
+    inputs: Inputs,
+    plan: IndexPlan,
+    opts: BuildOptions,
+    use_gpu: bool,
+    model_id: str,
+    dim: int,
+    runner: ShardRunner,
+    watch: Stopwatch,
+) -> dict:
     queries, query_ids, trained = train(inputs, plan, opts, use_gpu, dim)
     watch.lap("train")
     bounds = shard_bounds(inputs.unique, opts.vectors_per_shard)
     spills = spill_occurrences(runs, inputs, bounds, folder)
     watch.lap("route_occurrences")
-    tasks = [ShardTask(k, folder, pieces_for(inputs, lo, hi), spills[k], plan.rerank, opts.on_disk, dim,
-                       use_gpu) for k, (lo, hi) in enumerate(bounds)]
+    tasks = [
+        ShardTask(k, folder, pieces_for(inputs, lo, hi), spills[k], plan.rerank, opts.on_disk, dim, use_gpu)
+        for k, (lo, hi) in enumerate(bounds)
+    ]
     results = runner(tasks, trained, queries)
     watch.lap("add_shards")
     storage.remove(storage.join(folder, BUILD_DIR))
@@ -247,8 +274,13 @@ def scan_ids(runs: list[Run], model_id: str, erased: erasure.ErasureSet = erasur
     erased_rows = np.concatenate(gone) if gone else np.zeros(len(all_ids), dtype=bool)
     keep &= ~erased_rows
     cuts = np.cumsum([0, *[len(a) for a in per_shard]])
-    return Inputs(shards, [keep[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)], keys, len(all_ids),
-                  int(erased_rows.sum()))
+    return Inputs(
+        shards,
+        [keep[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)],
+        keys,
+        len(all_ids),
+        int(erased_rows.sum()),
+    )
 
 
 def kept_batches(inputs: Inputs, columns: list[str]):
@@ -281,8 +313,9 @@ def read_positions(inputs: Inputs, positions: np.ndarray, dim: int) -> tuple[np.
     return vecs, ids
 
 
-def train(inputs: Inputs, plan: IndexPlan, opts: BuildOptions, use_gpu: bool,
-          dim: int) -> tuple[np.ndarray, np.ndarray, bytes]:
+def train(
+    inputs: Inputs, plan: IndexPlan, opts: BuildOptions, use_gpu: bool, dim: int
+) -> tuple[np.ndarray, np.ndarray, bytes]:
     """(held-out queries, their face_ids, the trained empty index serialised), from a seeded sample."""
     rng = np.random.default_rng(opts.seed)
     n = inputs.unique
@@ -321,8 +354,9 @@ def pieces_for(inputs: Inputs, lo: int, hi: int) -> list[Piece]:
 # ---------------------------------------------------------------- driver: route occurrences
 
 
-def spill_occurrences(runs: list[Run], inputs: Inputs, bounds: list[tuple[int, int]],
-                      folder: str) -> list[str]:
+def spill_occurrences(
+    runs: list[Run], inputs: Inputs, bounds: list[tuple[int, int]], folder: str
+) -> list[str]:
     """One pass over the images shards: each occurrence of an indexed image goes to the spill file of
     every bundle shard holding one of its faces. Returns the spills' URIs, one per shard.
 
@@ -346,8 +380,9 @@ def spill_occurrences(runs: list[Run], inputs: Inputs, bounds: list[tuple[int, i
         shutil.rmtree(local_dir, ignore_errors=True)
 
 
-def write_spills(runs: list[Run], keys: np.ndarray, shard_of: np.ndarray, n_shards: int,
-                 local_dir: str) -> list[str]:
+def write_spills(
+    runs: list[Run], keys: np.ndarray, shard_of: np.ndarray, n_shards: int, local_dir: str
+) -> list[str]:
     schema = pa.schema([(c, pa.string()) for c in OCCURRENCE_COLUMNS])
     paths = [os.path.join(local_dir, f"occurrences-{k}.parquet") for k in range(n_shards)]
     writers = [pq.ParquetWriter(p, schema, compression="zstd") for p in paths]
@@ -431,8 +466,9 @@ def scratch_dir(folder: str, k: int) -> str:
     return tempfile.mkdtemp(prefix=f"faceaudit-shard-{k}-")
 
 
-def write_shard_files(scratch: str, task: ShardTask, index: faiss.Index, ids: np.ndarray, meta: pa.Table,
-                      raw_f16: str) -> dict:
+def write_shard_files(
+    scratch: str, task: ShardTask, index: faiss.Index, ids: np.ndarray, meta: pa.Table, raw_f16: str
+) -> dict:
     """Shard k's files in ``scratch``: the FAISS index (in RAM or on-disk lists), sorted ids,
     metadata and the float16 store; returns the shard's manifest entry."""
     k = task.k
@@ -525,8 +561,10 @@ def occurrence_lists(meta: pa.Table, found: pa.Table) -> pa.Array:
     lists = grouped.take(pc.fill_null(where, 0)).to_pylist() if len(sha) else [None] * meta.num_rows
     missing = pc.is_null(where).to_pylist() if len(sha) else [True] * meta.num_rows
     own = zip(meta.column("dataset").to_pylist(), meta.column("source_uri").to_pylist(), strict=True)
-    lists = [[{"dataset": d, "source_uri": u}] if gone else occ
-             for occ, gone, (d, u) in zip(lists, missing, own, strict=True)]
+    lists = [
+        [{"dataset": d, "source_uri": u}] if gone else occ
+        for occ, gone, (d, u) in zip(lists, missing, own, strict=True)
+    ]
     return pa.array(lists, pa.list_(OCCURRENCE))
 
 
@@ -536,18 +574,23 @@ def faces_per_dataset(meta: pa.Table, found: pa.Table) -> dict[str, int]:
     per_sha = meta.group_by("image_sha256", use_threads=False).aggregate([("face_id", "count")])
     where = pc.index_in(pairs.column("image_sha256"), value_set=per_sha.column("image_sha256"))
     counts = per_sha.column("face_id_count").combine_chunks().take(where)
-    totals = pa.table({"dataset": pairs.column("dataset"), "n": counts}).group_by("dataset").aggregate(
-        [("n", "sum")])
-    return dict(sorted(zip(totals.column("dataset").to_pylist(), totals.column("n_sum").to_pylist(),
-                           strict=True)))
+    totals = (
+        pa.table({"dataset": pairs.column("dataset"), "n": counts})
+        .group_by("dataset")
+        .aggregate([("n", "sum")])
+    )
+    return dict(
+        sorted(zip(totals.column("dataset").to_pylist(), totals.column("n_sum").to_pylist(), strict=True))
+    )
 
 
 def write_f16_sorted(staging: str, k: int, raw: str, order: np.ndarray, dim: int) -> dict:
     """Rewrite the add-order float16 rows in face_id order, chunk by chunk through memory maps."""
     src = np.memmap(raw, dtype=np.float16, mode="r", shape=(len(order), dim))
     name = f"store/vectors-{k}.npy"
-    dst = np.lib.format.open_memmap(os.path.join(staging, name), mode="w+", dtype=np.float16,
-                                    shape=(len(order), dim))
+    dst = np.lib.format.open_memmap(
+        os.path.join(staging, name), mode="w+", dtype=np.float16, shape=(len(order), dim)
+    )
     step = 65_536
     for lo in range(0, len(order), step):
         dst[lo : lo + step] = src[order[lo : lo + step]]
@@ -567,12 +610,27 @@ def merged_top_k(queries: np.ndarray, results: list[ShardResult]) -> ExactTopK:
     return truth
 
 
-def measure_recall(folder: str, shards: list[dict], plan: IndexPlan, opts: BuildOptions, queries, query_ids,
-                   truth: ExactTopK, model_id: str, dim: int) -> RecallReport:
+def measure_recall(
+    folder: str,
+    shards: list[dict],
+    plan: IndexPlan,
+    opts: BuildOptions,
+    queries,
+    query_ids,
+    truth: ExactTopK,
+    model_id: str,
+    dim: int,
+) -> RecallReport:
     """Tune nprobe (and, for PQ, the re-rank depth) on the written shards so held-out recall@10 reaches
     the target."""
-    draft = {"dim": dim, "model_id": model_id, "shards": shards, "nprobe": None,
-             "rerank_factor": opts.rerank_factor if plan.rerank else 1, "version": folder.rsplit("/", 1)[-1]}
+    draft = {
+        "dim": dim,
+        "model_id": model_id,
+        "shards": shards,
+        "nprobe": None,
+        "rerank_factor": opts.rerank_factor if plan.rerank else 1,
+        "version": folder.rsplit("/", 1)[-1],
+    }
     with tempfile.TemporaryDirectory(prefix="faceaudit-recall-") as cache:
         local = bundle.local_copy(folder, draft, cache)  # the folder itself when it is local
         index = Index(draft, local)
@@ -584,8 +642,9 @@ def measure_recall(folder: str, shards: list[dict], plan: IndexPlan, opts: Build
 
             if plan.nlist and plan.rerank:
                 factors = rerank_factors(opts.rerank_factor, max(opts.rerank_factor, opts.max_rerank_factor))
-                return tune_nprobe_and_depth(search, queries, query_ids, exact10, plan.nlist,
-                                             opts.target_recall, factors)
+                return tune_nprobe_and_depth(
+                    search, queries, query_ids, exact10, plan.nlist, opts.target_recall, factors
+                )
             if plan.nlist:
                 return tune_nprobe(search, queries, query_ids, exact10, plan.nlist, opts.target_recall)
             r1, r10, _ = measure(search, queries, query_ids, exact10, None)
@@ -594,8 +653,16 @@ def measure_recall(folder: str, shards: list[dict], plan: IndexPlan, opts: Build
             index.close()
 
 
-def manifest_body(runs: list[Run], inputs: Inputs, plan: IndexPlan, opts: BuildOptions, shards: list[dict],
-                  report: RecallReport, model_id: str, dim: int) -> dict:
+def manifest_body(
+    runs: list[Run],
+    inputs: Inputs,
+    plan: IndexPlan,
+    opts: BuildOptions,
+    shards: list[dict],
+    report: RecallReport,
+    model_id: str,
+    dim: int,
+) -> dict:
     model = runs[0].manifest
     return {
         "format": bundle.FORMAT,
@@ -609,12 +676,21 @@ def manifest_body(runs: list[Run], inputs: Inputs, plan: IndexPlan, opts: BuildO
         "nprobe": report.nprobe,
         "rerank_factor": report.rerank_factor,
         "on_disk": opts.on_disk,
-        "recall": {"target": opts.target_recall, "at_1": report.recall_at_1, "at_10": report.recall_at_10,
-                   "queries": report.queries, "nprobe": report.nprobe, "tried": report.tried,
-                   "how": "held-out faces of the collection as queries, each query's own face left out"},
-        "counts": {"input_rows": inputs.rows, "faces": inputs.unique,
-                   "duplicates": inputs.rows - inputs.unique - inputs.erased,
-                   **({"erased": inputs.erased} if inputs.erased else {})},  # faces an erasure log names
+        "recall": {
+            "target": opts.target_recall,
+            "at_1": report.recall_at_1,
+            "at_10": report.recall_at_10,
+            "queries": report.queries,
+            "nprobe": report.nprobe,
+            "tried": report.tried,
+            "how": "held-out faces of the collection as queries, each query's own face left out",
+        },
+        "counts": {
+            "input_rows": inputs.rows,
+            "faces": inputs.unique,
+            "duplicates": inputs.rows - inputs.unique - inputs.erased,
+            **({"erased": inputs.erased} if inputs.erased else {}),
+        },  # faces an erasure log names
         "datasets": dataset_summary(runs, shards),
         "runs": [{"run_id": r.run_id, "uri": r.uri, "manifest_sha256": r.manifest_sha256} for r in runs],
         "shards": shards,
@@ -629,8 +705,10 @@ def dataset_summary(runs: list[Run], shards: list[dict]) -> list[dict]:
     for shard in shards:
         for name, count in shard["metadata"]["faces_per_dataset"].items():
             faces[name] = faces.get(name, 0) + count
-    return [{**d, "images": images.get(d["name"], 0), "faces": faces.get(d["name"], 0)}
-            for d in runsmod.dataset_versions(runs)]
+    return [
+        {**d, "images": images.get(d["name"], 0), "faces": faces.get(d["name"], 0)}
+        for d in runsmod.dataset_versions(runs)
+    ]
 
 
 def input_digest(runs: list[Run], opts: BuildOptions) -> str:

@@ -39,15 +39,19 @@ def make_runner(pipeline_args: Sequence[str] = ()):
     return run
 
 
-def run_shards(tasks: list[ShardTask], trained: bytes, queries: np.ndarray,
-               args: list[str]) -> list[ShardResult]:
+def run_shards(
+    tasks: list[ShardTask], trained: bytes, queries: np.ndarray, args: list[str]
+) -> list[ShardResult]:
     stage = stage_inputs(tasks, trained, queries)
-    run_pipeline(args, lambda p: (
-        p
-        | "Shards" >> beam.Create([t.k for t in tasks])
-        | "Spread" >> beam.Reshuffle()
-        | "Build" >> beam.ParDo(BuildShard(stage))
-    ))
+    run_pipeline(
+        args,
+        lambda p: (
+            p
+            | "Shards" >> beam.Create([t.k for t in tasks])
+            | "Spread" >> beam.Reshuffle()
+            | "Build" >> beam.ParDo(BuildShard(stage))
+        ),
+    )
     return [pickle.loads(storage.read_bytes(storage.join(stage, f"result-{t.k}.pkl"))) for t in tasks]
 
 

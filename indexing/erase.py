@@ -91,13 +91,23 @@ def find_by_photos(index: Index, photos: Iterable[str], threshold: float | None 
             for m in face["matches"]:
                 best = found.get(m["face_id"])
                 if best is None or (best.score or 0) < m["score"]:
-                    found[m["face_id"]] = Found(m["face_id"], m["image_sha256"], m["face_index"],
-                                                tuple(m["bbox"]), m["occurrences"], m["score"])
+                    found[m["face_id"]] = Found(
+                        m["face_id"],
+                        m["image_sha256"],
+                        m["face_index"],
+                        tuple(m["bbox"]),
+                        m["occurrences"],
+                        m["score"],
+                    )
     return sorted(found.values(), key=lambda f: -(f.score or 0))
 
 
-def find_by_ids(index: Index, face_ids: Iterable[int] = (), image_shas: Iterable[str] = (),
-                source_uris: Iterable[str] = ()) -> tuple[list[Found], list[str]]:
+def find_by_ids(
+    index: Index,
+    face_ids: Iterable[int] = (),
+    image_shas: Iterable[str] = (),
+    source_uris: Iterable[str] = (),
+) -> tuple[list[Found], list[str]]:
     """Indexed faces with one of the ids, or in one of the images; and the images to erase whole."""
     ids = pa.array(sorted({int(i) for i in face_ids}), pa.int64())
     shas = {s.lower() for s in image_shas}
@@ -114,8 +124,15 @@ def find_by_ids(index: Index, face_ids: Iterable[int] = (), image_shas: Iterable
             in_uri = [any(o["source_uri"] in uris for o in occ) for occ in occurrences]
             hit = pc.or_(hit, pa.array(in_uri))
         for row in meta.filter(hit).to_pylist():
-            found.append(Found(row["face_id"], row["image_sha256"], row["face_index"], tuple(row["bbox"]),
-                               row["occurrences"]))
+            found.append(
+                Found(
+                    row["face_id"],
+                    row["image_sha256"],
+                    row["face_index"],
+                    tuple(row["bbox"]),
+                    row["occurrences"],
+                )
+            )
     whole = sorted(shas | {f.image_sha256 for f in found if uris and _in_uris(f, uris)})
     return sorted(found, key=lambda f: f.face_id), whole
 
@@ -127,9 +144,15 @@ def _in_uris(face: Found, uris: set[str]) -> bool:
 # ---------------------------------------------------------------- erase = log, then sweep
 
 
-def erase(index_uri: str, found: list[Found], extra_face_ids: Iterable[int] = (),
-          whole_images: Iterable[str] = (), log_uri: str | None = None, exports: Iterable[str] = (),
-          cache_dirs: Iterable[str] = ()) -> Report:
+def erase(
+    index_uri: str,
+    found: list[Found],
+    extra_face_ids: Iterable[int] = (),
+    whole_images: Iterable[str] = (),
+    log_uri: str | None = None,
+    exports: Iterable[str] = (),
+    cache_dirs: Iterable[str] = (),
+) -> Report:
     """Log the faces (the intent: from now on nothing returns them), then remove them everywhere."""
     log = erasure.ErasureLog(log_uri or erasure.default_log(index_root(index_uri)))
     face_ids = sorted({f.face_id for f in found} | {int(i) for i in extra_face_ids})
@@ -153,12 +176,16 @@ def version_folders(uri: str) -> list[str]:
     uri = uri.rstrip("/")
     if storage.exists(storage.join(uri, bundle.MANIFEST)):
         return [uri]
-    return [storage.join(uri, name) for name in storage.listdir(uri)
-            if not name.startswith(("_", ".")) and storage.exists(storage.join(uri, name, bundle.MANIFEST))]
+    return [
+        storage.join(uri, name)
+        for name in storage.listdir(uri)
+        if not name.startswith(("_", ".")) and storage.exists(storage.join(uri, name, bundle.MANIFEST))
+    ]
 
 
-def sweep(index_uri: str, log: erasure.ErasureLog, exports: Iterable[str] = (),
-          cache_dirs: Iterable[str] = ()) -> Report:
+def sweep(
+    index_uri: str, log: erasure.ErasureLog, exports: Iterable[str] = (), cache_dirs: Iterable[str] = ()
+) -> Report:
     """Remove every face the log names from the runs, every index version, the exports and caches."""
     report = Report()
     erased = log.load()
@@ -208,8 +235,10 @@ def sweep_run(run: str, erased: erasure.ErasureSet, report: Report) -> str:
         if actual != entry["sha256"] and pending.get(entry["file"]) != actual:
             raise FatalError(f"{uri}: sha256 does not match its run manifest; erase leaves the run untouched")
         table = pq.read_table(pa.BufferReader(data))
-        gone = erased.mask(table.column("face_id").to_numpy(),
-                           table.column("image_sha256").to_pylist() if erased.whole_images else None)
+        gone = erased.mask(
+            table.column("face_id").to_numpy(),
+            table.column("image_sha256").to_pylist() if erased.whole_images else None,
+        )
         if gone.any():
             kept = table.filter(pa.array(~gone))
             new = parquet_bytes(kept)
@@ -265,8 +294,10 @@ def sweep_bundle(folder: str, erased: erasure.ErasureSet, run_shas: dict[str, st
                 continue
             shards.append(rewrite_shard(local, out, entry, ids, gone, revision))
             removed += int(gone.sum())
-        runs_changed = any(run_shas.get(r["uri"], r["manifest_sha256"]) != r["manifest_sha256"]
-                           for r in manifest.get("runs", []))
+        runs_changed = any(
+            run_shas.get(r["uri"], r["manifest_sha256"]) != r["manifest_sha256"]
+            for r in manifest.get("runs", [])
+        )
         if removed or runs_changed:
             body = revised_manifest(manifest, shards, removed, revision, run_shas)
             upload_new(folder, out, body, manifest)
@@ -325,8 +356,10 @@ def rewrite_shard(src: str, dst: str, entry: dict, ids: np.ndarray, gone: np.nda
     index = load_writable(os.path.join(src, entry["index"]["file"]), on_disk)
     n = index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids[gone], dtype=np.int64)))
     if n != int(gone.sum()) or index.ntotal != int((~gone).sum()):
-        raise FatalError(f"{entry['index']['file']}: removed {n} of {int(gone.sum())} faces; the shard and "
-                         "its id list disagree, erase stops before changing the bundle")
+        raise FatalError(
+            f"{entry['index']['file']}: removed {n} of {int(gone.sum())} faces; the shard and "
+            "its id list disagree, erase stops before changing the bundle"
+        )
     new = {k: v for k, v in entry.items() if k not in ("index", "ivfdata", "ids", "metadata", "vectors")}
     new["ntotal"] = int(index.ntotal)
     for key in ("index", "ids", "metadata", "vectors", "ivfdata"):
@@ -339,15 +372,17 @@ def rewrite_shard(src: str, dst: str, entry: dict, ids: np.ndarray, gone: np.nda
             os.unlink(path)  # a half-written file of an interrupted attempt; nothing lists it
         to_ondisk(index, path)
         new["ivfdata"] = bundle.file_entry(dst, name)
-    new["index"] = commit_file(dst, revised(entry["index"]["file"], revision),
-                               lambda p: faiss.write_index(index, p))
+    new["index"] = commit_file(
+        dst, revised(entry["index"]["file"], revision), lambda p: faiss.write_index(index, p)
+    )
     kept_ids = ids[~gone]
     new["ids"] = commit_file(dst, revised(entry["ids"]["file"], revision), lambda p: np.save(p, kept_ids))
     new["metadata"] = rewrite_metadata(src, dst, entry["metadata"], gone, revision)
     if entry.get("vectors"):
         store = np.load(os.path.join(src, entry["vectors"]["file"]), mmap_mode="r")
-        new["vectors"] = commit_file(dst, revised(entry["vectors"]["file"], revision),
-                                     lambda p: copy_rows(store, ~gone, p))
+        new["vectors"] = commit_file(
+            dst, revised(entry["vectors"]["file"], revision), lambda p: copy_rows(store, ~gone, p)
+        )
     return new
 
 
@@ -405,8 +440,9 @@ def copy_rows(store: np.ndarray, keep: np.ndarray, path: str) -> None:
 def rewrite_metadata(src: str, dst: str, entry: dict, gone: np.ndarray, revision: int) -> dict:
     table = pq.read_table(os.path.join(src, entry["file"])).filter(pa.array(~gone))
     name = revised(entry["file"], revision)
-    new = commit_file(dst, name, lambda p: pq.write_table(table, p, compression="zstd",
-                                                          row_group_size=METADATA_ROW_GROUP))
+    new = commit_file(
+        dst, name, lambda p: pq.write_table(table, p, compression="zstd", row_group_size=METADATA_ROW_GROUP)
+    )
     return {**new, "rows": table.num_rows, "faces_per_dataset": faces_per_dataset(table)}
 
 
@@ -419,8 +455,9 @@ def faces_per_dataset(table: pa.Table) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def revised_manifest(manifest: dict, shards: list[dict], removed: int, revision: int,
-                     run_shas: dict[str, str]) -> dict:
+def revised_manifest(
+    manifest: dict, shards: list[dict], removed: int, revision: int, run_shas: dict[str, str]
+) -> dict:
     body = {k: v for k, v in manifest.items() if k != "checksum"}
     body["shards"] = shards
     counts = dict(body.get("counts", {}))
@@ -432,12 +469,16 @@ def revised_manifest(manifest: dict, shards: list[dict], removed: int, revision:
         for name, n in shard["metadata"].get("faces_per_dataset", {}).items():
             faces[name] = faces.get(name, 0) + n
     body["datasets"] = [{**d, "faces": faces.get(d["name"], 0)} for d in body.get("datasets", [])]
-    body["runs"] = [{**r, "manifest_sha256": run_shas.get(r["uri"], r["manifest_sha256"])}
-                    for r in body.get("runs", [])]
+    body["runs"] = [
+        {**r, "manifest_sha256": run_shas.get(r["uri"], r["manifest_sha256"])} for r in body.get("runs", [])
+    ]
     previous = body.get("erasure", {})
-    body["erasure"] = {"revision": revision, "faces_removed": int(previous.get("faces_removed", 0)) + removed,
-                       "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                       "note": "faces removed after the build; recall figures are the build's"}
+    body["erasure"] = {
+        "revision": revision,
+        "faces_removed": int(previous.get("faces_removed", 0)) + removed,
+        "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "note": "faces removed after the build; recall figures are the build's",
+    }
     return body
 
 
@@ -452,8 +493,10 @@ def upload_new(folder: str, staging: str, body: dict, old: dict) -> None:
                 storage.write_atomic(storage.join(folder, entry["file"]), f.read())
 
 
-BUNDLE_FILE = re.compile(r"^(shard-\d+(\.e\d+)?\.(faissindex|ivfdata)|metadata/part-\d+(\.e\d+)?\.parquet"
-                         r"|store/(ids|vectors)-\d+(\.e\d+)?\.npy)$")
+BUNDLE_FILE = re.compile(
+    r"^(shard-\d+(\.e\d+)?\.(faissindex|ivfdata)|metadata/part-\d+(\.e\d+)?\.parquet"
+    r"|store/(ids|vectors)-\d+(\.e\d+)?\.npy)$"
+)
 
 
 def delete_unlisted(folder: str, manifest: dict, report: Report) -> None:
@@ -463,7 +506,7 @@ def delete_unlisted(folder: str, manifest: dict, report: Report) -> None:
     fs, base = storage.url_to_fs(folder)
     base = base.rstrip("/") + "/"
     for path in sorted(fs.find(base)):
-        rel = path[len(base):] if path.startswith(base) else None
+        rel = path[len(base) :] if path.startswith(base) else None
         if rel is None or rel in listed:
             continue
         if BUNDLE_FILE.match(rel) or storage.TMP_MARK in rel:

@@ -23,24 +23,41 @@ err = Console(stderr=True)
 
 def erase_command(
     index: Annotated[str, typer.Option("--index", help="index root (uses CURRENT) or a version folder")],
-    photo: Annotated[list[str] | None, typer.Option(
-        "--photo", help="a photo of the person: every indexed face matching it is erased; repeatable")
+    photo: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--photo", help="a photo of the person: every indexed face matching it is erased; repeatable"
+        ),
     ] = None,
-    face_id: Annotated[list[int] | None, typer.Option(
-        "--face-id", help="erase this face_id; repeatable")] = None,
-    image_sha256: Annotated[list[str] | None, typer.Option(
-        "--image-sha256", help="erase every face of this image; repeatable")] = None,
-    source_uri: Annotated[list[str] | None, typer.Option(
-        "--source-uri", help="erase every face of the image found at this URI; repeatable")] = None,
-    export: Annotated[list[str] | None, typer.Option(
-        "--export", help="an export (bundle root or version folder) to erase from too; repeatable")] = None,
-    cache_dir: Annotated[list[str] | None, typer.Option(
-        "--cache-dir", help="a bundle download cache to purge (the default one always is); repeatable")
+    face_id: Annotated[
+        list[int] | None, typer.Option("--face-id", help="erase this face_id; repeatable")
     ] = None,
-    erasure_log: Annotated[str | None, typer.Option(
-        help="the erasure log (default: <index>/_erasure)")] = None,
-    threshold: Annotated[float | None, typer.Option(
-        help="cosine similarity for a match (default: the model's calibrated threshold)")] = None,
+    image_sha256: Annotated[
+        list[str] | None, typer.Option("--image-sha256", help="erase every face of this image; repeatable")
+    ] = None,
+    source_uri: Annotated[
+        list[str] | None,
+        typer.Option("--source-uri", help="erase every face of the image found at this URI; repeatable"),
+    ] = None,
+    export: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--export", help="an export (bundle root or version folder) to erase from too; repeatable"
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cache-dir", help="a bundle download cache to purge (the default one always is); repeatable"
+        ),
+    ] = None,
+    erasure_log: Annotated[
+        str | None, typer.Option(help="the erasure log (default: <index>/_erasure)")
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="cosine similarity for a match (default: the model's calibrated threshold)"),
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="erase without asking")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print what was done as JSON")] = False,
 ) -> None:
@@ -100,8 +117,10 @@ def print_report(report: Report, as_json: bool) -> None:
         sys.stdout.write("\n")
         return
     removed = sum(report.bundle_faces_removed.values())
-    out.print(f"erased: {report.run_faces_removed} face row(s) from {report.run_shards_rewritten} run "
-              f"shard(s) in {len(report.runs_updated)} run(s); {removed} face(s) from "
-              f"{len(report.bundle_faces_removed)} index version(s) or export(s); {report.files_deleted} old "
-              f"file(s) and {report.noncurrent_deleted} noncurrent object version(s) deleted; "
-              f"{len(report.caches_removed)} cached copy(ies) removed")
+    out.print(
+        f"erased: {report.run_faces_removed} face row(s) from {report.run_shards_rewritten} run "
+        f"shard(s) in {len(report.runs_updated)} run(s); {removed} face(s) from "
+        f"{len(report.bundle_faces_removed)} index version(s) or export(s); {report.files_deleted} old "
+        f"file(s) and {report.noncurrent_deleted} noncurrent object version(s) deleted; "
+        f"{len(report.caches_removed)} cached copy(ies) removed"
+    )

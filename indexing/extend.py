@@ -93,8 +93,9 @@ def live_keys(runs: list[Run]) -> np.ndarray:
     return np.unique(np.concatenate(keys))
 
 
-def scoped_inputs(runs: list[Run], model_id: str, erased: erasure.ErasureSet = erasure.EMPTY
-                  ) -> tuple[list[Run], build.Inputs]:
+def scoped_inputs(
+    runs: list[Run], model_id: str, erased: erasure.ErasureSet = erasure.EMPTY
+) -> tuple[list[Run], build.Inputs]:
     """Scan faces, keep rows whose image is live, and drop runs that then give nothing."""
     inputs = build.scan_ids(runs, model_id, erased)  # faces an erasure log names never come back
     alive = live_keys(runs)
@@ -195,8 +196,9 @@ def build_version(
     while True:
         watch = build.Stopwatch()
         with orphans.in_progress(folder):  # a concurrent index build or gc leaves a live rebuild alone
-            body = _build_once(folder, scoped, inputs, plan, b, model_id, dim, decision, base, base_folder,
-                               watch)
+            body = _build_once(
+                folder, scoped, inputs, plan, b, model_id, dim, decision, base, base_folder, watch
+            )
         attempts.append(
             {"mode": decision.mode, "reason": decision.reason, "recall_at_10": body["recall"]["at_10"]}
         )

@@ -107,7 +107,10 @@ def choose_plan(
     nlist = nlist or nlist_for(n)
     if fits_flat:
         return IndexPlan(
-            "ivf_flat", f"IVF{nlist},Flat", nlist=nlist, bytes_per_vector=flat_bytes,
+            "ivf_flat",
+            f"IVF{nlist},Flat",
+            nlist=nlist,
+            bytes_per_vector=flat_bytes,
             train_size=train_size_for(n, nlist, pq=False),
         )
     assert max_bytes_per_vector is not None
@@ -116,6 +119,13 @@ def choose_plan(
     prefix = f"OPQ{m}_{dim}," if opq else ""
     codes = f"PQ{m}x8" if bits == 8 else f"PQ{m}x4fs"
     return IndexPlan(
-        "ivf_pq", f"{prefix}IVF{nlist},{codes}", nlist=nlist, pq_m=m, pq_bits=bits, opq=opq, rerank=rerank,
-        bytes_per_vector=code_bytes(m, bits) + ID_BYTES, train_size=train_size_for(n, nlist, pq=bits == 8),
+        "ivf_pq",
+        f"{prefix}IVF{nlist},{codes}",
+        nlist=nlist,
+        pq_m=m,
+        pq_bits=bits,
+        opq=opq,
+        rerank=rerank,
+        bytes_per_vector=code_bytes(m, bits) + ID_BYTES,
+        train_size=train_size_for(n, nlist, pq=bits == 8),
     )

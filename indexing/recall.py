@@ -29,8 +29,12 @@ class ExactTopK:
         if len(vectors) == 0 or len(self.queries) == 0:
             return
         kk = min(self.k, len(vectors))
-        d, i = faiss.knn(self.queries, np.ascontiguousarray(vectors, dtype=np.float32), kk,
-                         metric=faiss.METRIC_INNER_PRODUCT)
+        d, i = faiss.knn(
+            self.queries,
+            np.ascontiguousarray(vectors, dtype=np.float32),
+            kk,
+            metric=faiss.METRIC_INNER_PRODUCT,
+        )
         self.scores, self.ids = merge_topk(
             [self.scores, d], [self.ids, np.where(i >= 0, ids[np.maximum(i, 0)], -1)], self.k
         )
@@ -91,16 +95,18 @@ SearchFn = Callable[[np.ndarray, int, int | None], np.ndarray]
 DepthSearchFn = Callable[[np.ndarray, int, int | None, int], np.ndarray]
 
 
-def measure(search: SearchFn, queries: np.ndarray, self_ids: np.ndarray, truth: np.ndarray,
-            nprobe: int | None) -> tuple[float, float, float]:
+def measure(
+    search: SearchFn, queries: np.ndarray, self_ids: np.ndarray, truth: np.ndarray, nprobe: int | None
+) -> tuple[float, float, float]:
     """recall@1, recall@10 and its lower bound, of ``search`` (ids [n, k]) at ``nprobe``, own ids dropped."""
     found = drop_self(search(queries, 11, nprobe), self_ids, 10)
     at10 = recall_per_query(found, truth, 10)
     return recall_at(found, truth, 1), float(at10.mean()) if len(at10) else 1.0, lower_bound(at10)
 
 
-def tune_nprobe(search: SearchFn, queries: np.ndarray, self_ids: np.ndarray, truth: np.ndarray,
-                nlist: int, target: float) -> RecallReport:
+def tune_nprobe(
+    search: SearchFn, queries: np.ndarray, self_ids: np.ndarray, truth: np.ndarray, nlist: int, target: float
+) -> RecallReport:
     """The smallest power-of-two nprobe whose recall@10 reaches ``target`` (else the largest tried).
 
     "Reaches" means its lower bound (mean minus two standard errors over the queries) does: the
@@ -116,8 +122,15 @@ def tune_nprobe(search: SearchFn, queries: np.ndarray, self_ids: np.ndarray, tru
         nprobe = min(nprobe * 2, nlist)
 
 
-def tune_nprobe_and_depth(search: DepthSearchFn, queries: np.ndarray, self_ids: np.ndarray, truth: np.ndarray,
-                          nlist: int, target: float, factors: list[int]) -> RecallReport:
+def tune_nprobe_and_depth(
+    search: DepthSearchFn,
+    queries: np.ndarray,
+    self_ids: np.ndarray,
+    truth: np.ndarray,
+    nlist: int,
+    target: float,
+    factors: list[int],
+) -> RecallReport:
     """The smallest re-rank factor that can reach ``target`` at all, then its smallest nprobe.
 
     Short PQ codes of long vectors rank the true neighbours too far down for a shallow re-rank to
@@ -132,8 +145,15 @@ def tune_nprobe_and_depth(search: DepthSearchFn, queries: np.ndarray, self_ids: 
         at_depth = functools.partial(_with_factor, search, factor)
         if factor != factors[-1]:
             r1, r10, low = measure(at_depth, queries, self_ids, truth, nlist)
-            tried.append({"nprobe": nlist, "rerank_factor": factor, "recall_at_1": r1, "recall_at_10": r10,
-                          "recall_at_10_low": low})
+            tried.append(
+                {
+                    "nprobe": nlist,
+                    "rerank_factor": factor,
+                    "recall_at_1": r1,
+                    "recall_at_10": r10,
+                    "recall_at_10_low": low,
+                }
+            )
             if low < target:
                 continue
         report = tune_nprobe(at_depth, queries, self_ids, truth, nlist, target)

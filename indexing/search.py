@@ -116,9 +116,9 @@ class Shard:
         # a block of queries at a time: the gathered float32 candidates of 1,000 queries x 400
         # candidates x 512 dims would be 800 MB; blocks of 32 took 0.5-0.6 s against 0.75-1.4 s here
         for lo in range(0, len(ids), RERANK_BLOCK):
-            block = rows[lo:lo + RERANK_BLOCK]
+            block = rows[lo : lo + RERANK_BLOCK]
             vecs = np.asarray(self.vectors[block.ravel()], dtype=np.float32).reshape(*block.shape, -1)
-            exact[lo:lo + RERANK_BLOCK] = np.matmul(vecs, x[lo:lo + RERANK_BLOCK, :, None])[..., 0]
+            exact[lo : lo + RERANK_BLOCK] = np.matmul(vecs, x[lo : lo + RERANK_BLOCK, :, None])[..., 0]
         exact = np.where(valid, exact, -np.inf).astype(np.float32)
         order = np.argsort(-exact, axis=1, kind="stable")
         return np.take_along_axis(exact, order, 1), np.take_along_axis(ids, order, 1)
@@ -154,8 +154,14 @@ def read_faiss(path: str, on_disk: bool) -> faiss.Index:
 class Index:
     """An opened, verified bundle. ``search`` returns, per query, up to k hits best first."""
 
-    def __init__(self, manifest: dict, folder: str, use_gpu: bool = False, threads: int | None = None,
-                 erasure_log: str | None = None):
+    def __init__(
+        self,
+        manifest: dict,
+        folder: str,
+        use_gpu: bool = False,
+        threads: int | None = None,
+        erasure_log: str | None = None,
+    ):
         self.manifest = manifest
         self.folder = folder
         # faces the log names are never returned, even before the erase sweep has removed them
@@ -181,8 +187,9 @@ class Index:
     def ntotal(self) -> int:
         return sum(s.ntotal for s in self.shards)
 
-    def search_ids(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
-                   rerank_factor: int | None = None) -> tuple:
+    def search_ids(
+        self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None, rerank_factor: int | None = None
+    ) -> tuple:
         """(scores, face_ids) arrays [n, k], best first; -1 ids pad short rows."""
         x = self.check_query(vectors)
         nprobe = nprobe or self.manifest.get("nprobe")
@@ -202,8 +209,9 @@ class Index:
             self.erased = erasure.load(self.erasure_log)
         self.erased_checked = time.monotonic()
 
-    def search(self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None,
-               model_id: str | None = None) -> list[list[Hit]]:
+    def search(
+        self, vectors: np.ndarray, k: int = 10, nprobe: int | None = None, model_id: str | None = None
+    ) -> list[list[Hit]]:
         if model_id is not None and model_id != self.model_id:
             raise QueryError(f"query vectors are from model {model_id!r}; this index holds {self.model_id!r}")
         scores, ids = self.search_ids(vectors, k, nprobe)
@@ -224,8 +232,15 @@ class Index:
                 meta = shard.metadata.row(row)
                 occ = [Occurrence(o["dataset"], o["source_uri"]) for o in meta["occurrences"]]
                 x1, y1, x2, y2 = (float(v) for v in meta["bbox"])
-                return Hit(face_id, score, meta["image_sha256"], int(meta["face_index"]),
-                           (x1, y1, x2, y2), float(meta["det_score"]), occ)
+                return Hit(
+                    face_id,
+                    score,
+                    meta["image_sha256"],
+                    int(meta["face_index"]),
+                    (x1, y1, x2, y2),
+                    float(meta["det_score"]),
+                    occ,
+                )
         raise KeyError(f"face_id {face_id} is in no shard's id list")
 
     def check_query(self, vectors: np.ndarray) -> np.ndarray:
@@ -240,8 +255,13 @@ class Index:
         self.pool.shutdown(wait=False)
 
 
-def open_index(uri: str, verify: bool = True, use_gpu: bool | None = False,
-               cache_dir: str | None = None, erasure_log: str | None = None) -> Index:
+def open_index(
+    uri: str,
+    verify: bool = True,
+    use_gpu: bool | None = False,
+    cache_dir: str | None = None,
+    erasure_log: str | None = None,
+) -> Index:
     """Open the version CURRENT names (or a version folder), after checking every file's sha256.
 
     A remote bundle is first downloaded to ``cache_dir`` (default ``~/.cache/faceaudit/index``);

@@ -24,8 +24,9 @@ from pipelines.core.schema import IMAGES_SCHEMA, faces_schema
 MODEL_ID = "synthetic+unit-v1"
 
 
-def clustered(n: int, dim: int, clusters: int = 1000, spread: float = 1.5, seed: int = 0,
-              chunk: int = 100_000) -> Iterator[np.ndarray]:
+def clustered(
+    n: int, dim: int, clusters: int = 1000, spread: float = 1.5, seed: int = 0, chunk: int = 100_000
+) -> Iterator[np.ndarray]:
     """Unit vectors in chunks: a random centre per cluster plus Gaussian noise of ``spread`` norm."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
@@ -41,9 +42,17 @@ def image_sha(key: int) -> str:
     return hashlib.sha256(f"synthetic-image-{key}".encode()).hexdigest()
 
 
-def write_run(out: str, run_id: str, vectors: Iterator[np.ndarray] | np.ndarray, dim: int, start: int = 0,
-              dataset: str = "synthetic", model_id: str = MODEL_ID, match_threshold: float = 0.5,
-              extra_occurrences: dict[int, list[tuple[str, str]]] | None = None) -> str:
+def write_run(
+    out: str,
+    run_id: str,
+    vectors: Iterator[np.ndarray] | np.ndarray,
+    dim: int,
+    start: int = 0,
+    dataset: str = "synthetic",
+    model_id: str = MODEL_ID,
+    match_threshold: float = 0.5,
+    extra_occurrences: dict[int, list[tuple[str, str]]] | None = None,
+) -> str:
     """A committed run under ``<out>/runs/<run_id>``: one face per image, image keys from ``start``.
 
     Each chunk of ``vectors`` becomes one faces and one images shard. ``extra_occurrences`` maps
@@ -64,24 +73,41 @@ def write_run(out: str, run_id: str, vectors: Iterator[np.ndarray] | np.ndarray,
             rel = f"{name}/part-{dataset}-{part:06d}.parquet"
             data = parquet_bytes(table)
             storage.write_atomic(storage.join(folder, rel), data)
-            shards.append({"table": name, "file": rel, "sha256": hashlib.sha256(data).hexdigest(),
-                           "rows": table.num_rows})
+            shards.append(
+                {
+                    "table": name,
+                    "file": rel,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "rows": table.num_rows,
+                }
+            )
         counts["images"] += images.num_rows
         counts["ok"] += images.num_rows
         counts["faces"] += faces.num_rows
     manifest = {
-        "format": "faceaudit.run/1", "run_id": run_id, "engine": "synthetic", "model_id": model_id,
-        "dim": dim, "match_threshold": match_threshold, "model": {"backend": "synthetic"},
-        "datasets": [{"name": d, "version": "1", "source": f"synthetic://{d}", "license": "none"}
-                     for d in sorted(datasets)],
-        "counts": counts, "shards": shards, "created_at": now(), "finished_at": now(),
+        "format": "faceaudit.run/1",
+        "run_id": run_id,
+        "engine": "synthetic",
+        "model_id": model_id,
+        "dim": dim,
+        "match_threshold": match_threshold,
+        "model": {"backend": "synthetic"},
+        "datasets": [
+            {"name": d, "version": "1", "source": f"synthetic://{d}", "license": "none"}
+            for d in sorted(datasets)
+        ],
+        "counts": counts,
+        "shards": shards,
+        "created_at": now(),
+        "finished_at": now(),
     }
     storage.write_atomic(storage.join(folder, "_manifest.json"), json.dumps(manifest, indent=2).encode())
     return folder
 
 
-def faces_table(vectors: np.ndarray, keys: list[int], dataset: str, model_id: str, run_id: str,
-                dim: int) -> pa.Table:
+def faces_table(
+    vectors: np.ndarray, keys: list[int], dataset: str, model_id: str, run_id: str, dim: int
+) -> pa.Table:
     n = len(keys)
     shas = [image_sha(k) for k in keys]
     boxes = np.tile(np.array([10, 20, 110, 140], np.float32), (n, 1))
@@ -101,16 +127,23 @@ def faces_table(vectors: np.ndarray, keys: list[int], dataset: str, model_id: st
     return pa.table(columns, schema=faces_schema(dim))
 
 
-def images_table(keys: list[int], dataset: str, run_id: str,
-                 extra: dict[int, list[tuple[str, str]]]) -> pa.Table:
+def images_table(
+    keys: list[int], dataset: str, run_id: str, extra: dict[int, list[tuple[str, str]]]
+) -> pa.Table:
     rows = [(image_sha(k), dataset, f"synthetic://{dataset}/{k}.jpg") for k in keys]
     rows += [(image_sha(k), d, uri) for k in keys for d, uri in extra[k]]
     n = len(rows)
     return pa.table(
         {
-            "image_sha256": [r[0] for r in rows], "dataset": [r[1] for r in rows],
-            "source_uri": [r[2] for r in rows], "status": ["ok"] * n, "error_stage": [None] * n,
-            "error": [None] * n, "width": [640] * n, "height": [480] * n, "n_faces": [1] * n,
+            "image_sha256": [r[0] for r in rows],
+            "dataset": [r[1] for r in rows],
+            "source_uri": [r[2] for r in rows],
+            "status": ["ok"] * n,
+            "error_stage": [None] * n,
+            "error": [None] * n,
+            "width": [640] * n,
+            "height": [480] * n,
+            "n_faces": [1] * n,
             "run_id": [run_id] * n,
         },
         schema=IMAGES_SCHEMA,
