@@ -22,10 +22,12 @@ demo: install
 
 test: install
 	$(BIN)/ruff check pipelines indexing tests bench
+	$(BIN)/ruff format --check pipelines indexing tests bench
 	$(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check pipelines indexing tests bench
+	$(BIN)/ruff format --check pipelines indexing tests bench
 	$(BIN)/mypy
 
 bench-ingest: install

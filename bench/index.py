@@ -39,8 +39,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1_000_000, help="vectors in the collection")
     p.add_argument("--dims", type=int, nargs="+", default=[128, 512], help="dims to run")
-    p.add_argument("--bytes-per-vector", type=int, default=80,
-                   help="RAM budget per vector (80 = 80 MB at 1M)")
+    p.add_argument(
+        "--bytes-per-vector", type=int, default=80, help="RAM budget per vector (80 = 80 MB at 1M)"
+    )
     p.add_argument("--queries", type=int, default=1000, help="fresh queries")
     p.add_argument("--autofaiss", action=argparse.BooleanOptionalAction, default=True, help="run autofaiss")
     p.add_argument("--reuse-data", action="store_true", help="keep the generated data of an earlier run")
@@ -98,14 +99,32 @@ def exact(work: Path, dim: int) -> dict:
     _, truth = index.search(queries, 10)
     qps = len(queries) / (time.perf_counter() - t)
     np.save(work / "truth.npy", truth)
-    return {"dim": dim, "system": "exact (IndexFlatIP)", "build_s": built, "peak_mb": None,
-            "ram_bytes_per_vector": 4 * dim, "recall_at_1": 1.0, "recall_at_10": 1.0, "qps": qps,
-            "index": "Flat"}
+    return {
+        "dim": dim,
+        "system": "exact (IndexFlatIP)",
+        "build_s": built,
+        "peak_mb": None,
+        "ram_bytes_per_vector": 4 * dim,
+        "recall_at_1": 1.0,
+        "recall_at_10": 1.0,
+        "qps": qps,
+        "index": "Flat",
+    }
 
 
 def spawn(args, what: str, work: Path, dim: int, python: str = sys.executable) -> dict:
-    cmd = [python, __file__, "--child", what, "--work", str(work), "--dims", str(dim),
-           "--bytes-per-vector", str(args.bytes_per_vector)] + (["--gpu"] if args.gpu else [])
+    cmd = [
+        python,
+        __file__,
+        "--child",
+        what,
+        "--work",
+        str(work),
+        "--dims",
+        str(dim),
+        "--bytes-per-vector",
+        str(args.bytes_per_vector),
+    ] + (["--gpu"] if args.gpu else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -120,9 +139,11 @@ def child_ours(args, work: Path, dim: int) -> dict:
     from indexing import BuildOptions, build_index, open_index
 
     t = time.perf_counter()
-    result = build_index([str(work / "runs")], str(work / "index"),
-                         BuildOptions(max_bytes_per_vector=args.bytes_per_vector,
-                                      use_gpu=True if args.gpu else None))
+    result = build_index(
+        [str(work / "runs")],
+        str(work / "index"),
+        BuildOptions(max_bytes_per_vector=args.bytes_per_vector, use_gpu=True if args.gpu else None),
+    )
     built = time.perf_counter() - t
     peak = rss("VmHWM") / 2**20  # not ru_maxrss: that keeps the parent's peak across fork and exec
     queries = np.load(work / "queries.npy")
@@ -137,12 +158,20 @@ def child_ours(args, work: Path, dim: int) -> dict:
     n = m["counts"]["faces"]
     index_bytes = sum(s["index"]["bytes"] for s in m["shards"])
     mapped = sum(s["ids"]["bytes"] + (s.get("vectors") or {}).get("bytes", 0) for s in m["shards"])
-    return {"dim": dim, "system": "faceaudit", "build_s": built, "peak_mb": peak,
-            "ram_bytes_per_vector": index_bytes / n, "mapped_bytes_per_vector": mapped / n,
-            "rss_anon_bytes_per_vector": (rss("RssAnon") - anon0) / n,
-            **recalls(found, keys, work), "qps": qps,
-            "index": f"{m['factory']} nprobe {m['nprobe']} re-rank x{m['rerank_factor']}",
-            "build_recall_at_10": m["recall"]["at_10"], "gpu": m["built_on_gpu"]}
+    return {
+        "dim": dim,
+        "system": "faceaudit",
+        "build_s": built,
+        "peak_mb": peak,
+        "ram_bytes_per_vector": index_bytes / n,
+        "mapped_bytes_per_vector": mapped / n,
+        "rss_anon_bytes_per_vector": (rss("RssAnon") - anon0) / n,
+        **recalls(found, keys, work),
+        "qps": qps,
+        "index": f"{m['factory']} nprobe {m['nprobe']} re-rank x{m['rerank_factor']}",
+        "build_recall_at_10": m["recall"]["at_10"],
+        "gpu": m["built_on_gpu"],
+    }
 
 
 def key_order(work: Path) -> np.ndarray:
@@ -169,7 +198,7 @@ def rss(field: str) -> int:
     return 0
 
 
-AUTOFAISS_CHILD = r'''
+AUTOFAISS_CHILD = r"""
 import json, sys, time
 from pathlib import Path
 import numpy as np, faiss
@@ -193,7 +222,7 @@ np.save(work / "autofaiss_found.npy", found)
 size = (work / "autofaiss.index").stat().st_size
 print(json.dumps({"build_s": built, "peak_mb": peak, "qps": qps, "ram_bytes_per_vector": size / n,
                   "index": f"{infos.get('index_key')} {infos.get('index_param')}"}))
-'''
+"""
 
 
 def run_autofaiss(args, work: Path, dim: int) -> dict:
@@ -203,8 +232,12 @@ def run_autofaiss(args, work: Path, dim: int) -> dict:
         subprocess.run([str(python), "-m", "pip", "install", "-q", *AUTOFAISS_PINS], check=True)
     script = work / "autofaiss_child.py"
     script.write_text(AUTOFAISS_CHILD)
-    out = subprocess.run([str(python), str(script), str(work), str(args.bytes_per_vector), str(args.n)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(python), str(script), str(work), str(args.bytes_per_vector), str(args.n)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     row = json.loads(out.stdout.strip().splitlines()[-1])
     found = np.load(work / "autofaiss_found.npy")
     return {"dim": dim, "system": "autofaiss 2.18", **row, **recalls(found, None, work)}
@@ -223,10 +256,21 @@ def gpu_check() -> None:
 
 
 def print_table(rows: list[dict], args) -> None:
-    print(f"\nn={args.n}, budget {args.bytes_per_vector} B/vector, {args.queries} fresh queries, "
-          f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    head = ["dim", "system", "build_s", "peak_mb", "ram_bytes_per_vector", "recall_at_1", "recall_at_10",
-            "qps", "index"]
+    print(
+        f"\nn={args.n}, budget {args.bytes_per_vector} B/vector, {args.queries} fresh queries, "
+        f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+    head = [
+        "dim",
+        "system",
+        "build_s",
+        "peak_mb",
+        "ram_bytes_per_vector",
+        "recall_at_1",
+        "recall_at_10",
+        "qps",
+        "index",
+    ]
     print(" | ".join(head))
     for r in rows:
         print(" | ".join(fmt(r.get(h)) for h in head))
@@ -234,12 +278,16 @@ def print_table(rows: list[dict], args) -> None:
         by = {r["system"].split()[0]: r for r in rows if r["dim"] == dim}
         ours, auto = by.get("faceaudit"), by.get("autofaiss")
         if ours and auto:
-            print(f"dim {dim}: faceaudit/autofaiss build time {ours['build_s'] / auto['build_s']:.2f}, "
-                  f"queries/s {ours['qps'] / auto['qps']:.2f}, recall@10 {ours['recall_at_10']:.3f} vs "
-                  f"{auto['recall_at_10']:.3f}")
+            print(
+                f"dim {dim}: faceaudit/autofaiss build time {ours['build_s'] / auto['build_s']:.2f}, "
+                f"queries/s {ours['qps'] / auto['qps']:.2f}, recall@10 {ours['recall_at_10']:.3f} vs "
+                f"{auto['recall_at_10']:.3f}"
+            )
         if ours:
-            print(f"dim {dim}: faceaudit vs exact queries/s {ours['qps'] / by['exact']['qps']:.2f}; "
-                  f"float16 store and ids mapped from disk: {ours['mapped_bytes_per_vector']:.0f} B/vector")
+            print(
+                f"dim {dim}: faceaudit vs exact queries/s {ours['qps'] / by['exact']['qps']:.2f}; "
+                f"float16 store and ids mapped from disk: {ours['mapped_bytes_per_vector']:.0f} B/vector"
+            )
     print(json.dumps(rows))
 
 
