@@ -13,33 +13,34 @@ import os
 
 import numpy as np
 
+from pipelines.core.faults import checkpoint, ray_options
 from pipelines.engines.common import require
-from pipelines.engines.ray_engine import _die_once
 
 from .build import ShardResult, ShardTask, build_shard
 
 MAX_RETRIES = 3  # a worker that dies (lost node, OOM kill) has its shard re-run this many times
 
 
-def make_runner(address: str | None = None, cpus_per_shard: float = 1.0, fault_marker: str | None = None):
+def make_runner(address: str | None = None, cpus_per_shard: float = 1.0):
     """A ShardRunner for ``build_index``; ``address`` (or RAY_ADDRESS) joins a cluster, else a local
-    Ray is started for the build. ``fault_marker`` is for tests: the first task that can create that
-    file kills its worker process."""
+    Ray is started for the build."""
 
     def run(tasks: list[ShardTask], trained: bytes, queries: np.ndarray) -> list[ShardResult]:
-        return run_shards(tasks, trained, queries, address, cpus_per_shard, fault_marker)
+        return run_shards(tasks, trained, queries, address, cpus_per_shard)
 
     return run
 
 
-def run_shards(tasks: list[ShardTask], trained: bytes, queries: np.ndarray, address: str | None,
-               cpus_per_shard: float, fault_marker: str | None) -> list[ShardResult]:
+def run_shards(
+    tasks: list[ShardTask], trained: bytes, queries: np.ndarray, address: str | None, cpus_per_shard: float
+) -> list[ShardResult]:
     ray = require("ray", "ray")
     started_here = _connect(ray, address)
     try:
         trained_ref, queries_ref = ray.put(trained), ray.put(queries)
-        remote = ray.remote(_shard_task).options(num_cpus=cpus_per_shard, max_retries=MAX_RETRIES)
-        refs = [remote.remote(task, trained_ref, queries_ref, cpus_per_shard, fault_marker) for task in tasks]
+        options = {"num_cpus": cpus_per_shard, "max_retries": MAX_RETRIES, **ray_options()}
+        remote = ray.remote(_shard_task).options(**options)
+        refs = [remote.remote(task, trained_ref, queries_ref, cpus_per_shard) for task in tasks]
         return ray.get(refs)
     finally:
         if started_here:
@@ -58,11 +59,10 @@ def _connect(ray, address: str | None) -> bool:
     return True
 
 
-def _shard_task(task: ShardTask, trained: bytes, queries: np.ndarray, cpus: float,
-                fault_marker: str | None) -> ShardResult:
+def _shard_task(task: ShardTask, trained: bytes, queries: np.ndarray, cpus: float) -> ShardResult:
     import faiss
 
     # faiss would start a thread per core of the node; the task reserved ``cpus`` of them
     faiss.omp_set_num_threads(max(1, int(cpus)))
-    _die_once(fault_marker)
+    checkpoint("index.shard_task")
     return build_shard(task, trained, queries)

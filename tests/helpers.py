@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -54,3 +58,13 @@ def write_small_copies(photos, folder: Path, max_side: int, quality: int = 90) -
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=quality)
         (Path(folder) / Path(photo).name).write_bytes(buffer.getvalue())
+
+
+@contextlib.contextmanager
+def kill_once(point: str, marker: Path) -> Iterator[None]:
+    """For the code inside: the first process to reach kill point ``point`` (pipelines.core.faults)
+    dies by SIGKILL and leaves ``marker``; the engines hand the variables to their workers."""
+    from pipelines.core.faults import KILL_AT, KILL_ONCE
+
+    with mock.patch.dict(os.environ, {KILL_AT: point, KILL_ONCE: str(marker)}):
+        yield

@@ -6,7 +6,8 @@ point (``:1`` when the count is left out). Counts are per process. With
 marker (holding its pid and the point) first, so that a worker the engine restarts with the same
 environment does not die again, and a test can tell which process was killed.
 
-Unset, a checkpoint is one comparison: the variable is parsed once per process.
+Unset, a checkpoint is one environment lookup. The variables are read at every checkpoint, so a
+test may set them for one run in a process that has already passed checkpoints.
 
 The points (each is one line in the code it names):
 
@@ -20,6 +21,11 @@ The points (each is one line in the code it names):
 | ``index.before_manifest`` | every bundle file is in place, the manifest not yet written |
 | ``index.before_current`` | the bundle manifest is committed, CURRENT not yet moved |
 | ``index.move_current`` | inside ``move_current``: CURRENT read, the new value not yet written |
+| ``index.shard_task`` | a Ray task of the index build starts on a bundle shard |
+
+Ray workers do not inherit the driver's environment (a session's Ray may be started before the
+variables are set, or be a remote cluster), so the engines hand ``worker_env()`` to their actors
+and tasks as their runtime environment.
 """
 
 from __future__ import annotations
@@ -31,8 +37,6 @@ from collections import Counter
 KILL_AT = "FACEAUDIT_KILL_AT"
 KILL_ONCE = "FACEAUDIT_KILL_ONCE"
 
-_parsed = False
-_target: tuple[str, int] | None = None  # (point, nth); None: no kill asked for
 _reached: Counter = Counter()
 
 
@@ -48,13 +52,14 @@ def parse(value: str | None) -> tuple[str, int] | None:
 
 def checkpoint(name: str) -> None:
     """Die by SIGKILL here if FACEAUDIT_KILL_AT names this point and this is its nth visit."""
-    global _parsed, _target
-    if not _parsed:
-        _target, _parsed = parse(os.environ.get(KILL_AT)), True
-    if _target is None or _target[0] != name:
+    value = os.environ.get(KILL_AT)
+    if not value:
+        return
+    target = parse(value)
+    if target is None or target[0] != name:
         return
     _reached[name] += 1
-    if _reached[name] == _target[1] and _claim(f"{name}:{_target[1]}"):
+    if _reached[name] == target[1] and _claim(f"{name}:{target[1]}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -75,6 +80,11 @@ def _claim(point: str) -> bool:
 
 
 def worker_env() -> dict[str, str]:
-    """The fault variables that are set, for engines to hand to workers on a cluster they join
-    (a local cluster's workers inherit them anyway)."""
+    """The fault variables that are set, for engines to hand to the workers they start."""
     return {k: os.environ[k] for k in (KILL_AT, KILL_ONCE) if os.environ.get(k)}
+
+
+def ray_options() -> dict:
+    """Ray remote options carrying the fault variables to a task or actor (none when unset)."""
+    env = worker_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}

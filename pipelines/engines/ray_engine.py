@@ -47,7 +47,7 @@ from ..core.dedup import (
     unit_tasks,
 )
 from ..core.errors import FatalError
-from ..core.faults import checkpoint, worker_env
+from ..core.faults import checkpoint, ray_options
 from ..core.isolate import IsolatedPool, limits_for, resolve_batch
 from ..core.models import load_model
 from ..core.records import ImageResult
@@ -62,11 +62,8 @@ MAX_BLOCKS = 10_000  # one unit per block up to this many units (a block is one 
 DRIVER_GROUP_MAX = 1_000_000  # occurrences whose hashes (40 bytes each) the driver groups itself
 
 
-def run_job(job: JobConfig, fault_marker: str | None = None) -> RunSummary:
-    """Run (or resume) an ingest job on Ray; returns the committed run's manifest.
-
-    ``fault_marker`` is for tests: the first actor call that can create this file dies.
-    """
+def run_job(job: JobConfig) -> RunSummary:
+    """Run (or resume) an ingest job on Ray; returns the committed run's manifest."""
     started = dt.datetime.now(dt.timezone.utc)
     run_id = job.run_id or new_run_id()
     uri = run_uri(job.out, run_id)
@@ -81,7 +78,7 @@ def run_job(job: JobConfig, fault_marker: str | None = None) -> RunSummary:
         units = plan_order(job, state)
         dups, committed = _find_duplicates(units, job, state.uri)
         tasks = unit_tasks(units, dups)
-        run = _Run(job, run_id, state.uri, info, fault_marker)
+        run = _Run(job, run_id, state.uri, info)
         tally, analyzed = run.process(tasks, committed)
     finally:
         if connected_here:
@@ -100,8 +97,7 @@ def _connect(ray, job: JobConfig) -> bool:
         return False
     address = job.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        env = worker_env()  # kill points (tests): the workers of a joined cluster do not inherit them
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None)
+        ray.init(address=address)
     else:
         ray.init(num_cpus=job.workers or None, include_dashboard=False)
     return True
@@ -218,9 +214,8 @@ def _owner_rows(group):
 
 
 class _Run:
-    def __init__(self, job: JobConfig, run_id: str, run: str, info: ModelInfo, fault_marker: str | None):
+    def __init__(self, job: JobConfig, run_id: str, run: str, info: ModelInfo):
         self.job, self.run_id, self.run, self.info = job, run_id, run, info
-        self.fault_marker = fault_marker
 
     def process(self, tasks: list[UnitTask], committed: dict[int, ImageResult]) -> tuple[Tally, int]:
         if not tasks:
@@ -235,7 +230,7 @@ class _Run:
             from ray.data.expressions import col
 
             waiting = out.filter(expr=col("waiting"))
-            done = waiting.map(_commit_deferred, fn_kwargs=self._commit_kwargs(foreign))
+            done = waiting.map(_commit_deferred, fn_kwargs=self._commit_kwargs(foreign), **ray_options())
             tallies += [pickle.loads(r["tally"]) for r in done.select_columns(["tally"]).take_all()]
         return merge_tallies(tallies), sum(s["analyzed"] for s in summaries)
 
@@ -248,7 +243,13 @@ class _Run:
         if not _all_local(tasks):
             # Remote sources: read tasks keep the actors busy while units download. Units in
             # flight are bounded: two read per actor, two queued at each actor.
-            ds = ds.map(_read_row, fn_kwargs={"job": self.job}, num_cpus=cfg.read_cpus, concurrency=2 * pool)
+            ds = ds.map(
+                _read_row,
+                fn_kwargs={"job": self.job},
+                num_cpus=cfg.read_cpus,
+                concurrency=2 * pool,
+                **ray_options(),
+            )
         # Local sources: each actor reads its own units. Reading a local unit is quick, a read
         # stage costs a worker process per concurrent read task (about 2 CPU seconds each to
         # start), and the bytes then skip the object store.
@@ -259,12 +260,12 @@ class _Run:
                 "decode": self.job.decode,
                 "http": self.job.http,
                 "batch_size": default_batch_size(self.job.model, cfg.batch_size),
-                "fault_marker": self.fault_marker,
                 "commit": self._commit_kwargs(committed),
             },
             compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=2),
             num_cpus=cfg.actor_cpus,
             num_gpus=cfg.actor_gpus,
+            **ray_options(),  # kill points, for tests
         )
 
     def _commit_kwargs(self, foreign: dict[int, ImageResult]) -> dict:
@@ -305,7 +306,6 @@ class Analyzer:
         decode: DecodeConfig,
         http: HttpConfig,
         batch_size: int,
-        fault_marker: str | None,
         commit: dict,
     ):
         # Decoding hostile bytes runs in a child process under the limits (pipelines.core.isolate),
@@ -314,12 +314,11 @@ class Analyzer:
         if decode.isolate:
             self.pool = IsolatedPool(1, limits_for(decode, model), _init_worker, (model, decode))
         self.model = None if self.pool else load_model(model)
-        self.decode, self.http, self.batch_size, self.fault_marker = decode, http, batch_size, fault_marker
+        self.decode, self.http, self.batch_size = decode, http, batch_size
         self.commit = commit
 
     def __call__(self, row: dict) -> dict:
         item: UnitTask | UnitWork = pickle.loads(row["item"])
-        _die_once(self.fault_marker)
         work = item if isinstance(item, UnitWork) else read_for_analysis(item, self.http)
         checkpoint("analyze.batch")
         positions = sorted(work.todo)
@@ -334,17 +333,6 @@ class Analyzer:
         if self.pool is None:
             return analyze_batch(batch, self.model, self.decode)
         return resolve_batch(self.pool, self.pool.submit(_analyze, batch), _analyze, batch)
-
-
-def _die_once(marker: str | None) -> None:
-    """Fault injection for tests: the first caller to create ``marker`` kills its process."""
-    if marker is None:
-        return
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os._exit(1)
 
 
 def _commit_or_wait(work: UnitWork, run: str, run_id: str, info: ModelInfo, foreign: dict) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from pipelines.core.config import DatasetSpec, JobConfig
 from pipelines.core.errors import FatalError
 from pipelines.engines import beam_engine, local_engine, ray_engine
-from tests.helpers import face_rows, image_rows, manifest, write_small_copies
+from tests.helpers import face_rows, image_rows, kill_once, manifest, write_small_copies
 from tests.integration.test_index_engines import OPTIONS, assert_same_bundle, engine_runner
 
 ENGINES = ("ray", "beam")
@@ -94,8 +94,13 @@ def twice_runs(tmp_path_factory, twice, request):
     def get(engine: str) -> Path:
         if engine not in runs:
             out = tmp_path_factory.mktemp(f"twice-{engine}")
-            extra = {"fault_marker": str(out / "killed-once")} if engine == "ray" else {}
-            runs[engine] = Path(run_engine(engine, make_job(out, *twice.items()), request, **extra).uri)
+            job = make_job(out, *twice.items())
+            if engine == "ray":
+                with kill_once("analyze.batch", out / "killed-once"):
+                    runs[engine] = Path(run_engine(engine, job, request).uri)
+                assert (out / "killed-once").exists()  # an actor did die
+            else:
+                runs[engine] = Path(run_engine(engine, job, request).uri)
         return runs[engine]
 
     return get

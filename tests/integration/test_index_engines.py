@@ -15,6 +15,7 @@ import pytest
 from indexing import BuildOptions, build_index
 from indexing.runs import sha_keys
 from pipelines.core.errors import FatalError
+from tests.helpers import kill_once
 
 REPO = Path(__file__).resolve().parents[2]
 BEAM_IN_PROCESS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
@@ -23,12 +24,12 @@ OPTIONS = BuildOptions(max_bytes_per_vector=40, flat_max=0, nlist=1, vectors_per
 TIME_FIELDS = ("version", "created_at", "build_seconds", "build_phases", "checksum")
 
 
-def engine_runner(engine: str, **kwargs):
+def engine_runner(engine: str):
     """The ShardRunner of ``engine`` (None: the local build)."""
     if engine == "ray":
         from indexing.build_ray import make_runner
 
-        return make_runner(**kwargs)
+        return make_runner()
     if engine == "beam":
         from indexing.build_beam import make_runner
 
@@ -95,7 +96,8 @@ def test_every_engine_builds_the_local_bundle(engine, faces_run, local_bundle, t
 def test_ray_retries_a_shard_task_that_dies(faces_run, local_bundle, tmp_path, ray_up):
     marker = tmp_path / "killed-once"
     out = tmp_path / "index"
-    build_index([faces_run.uri], str(out), OPTIONS, engine_runner("ray", fault_marker=str(marker)))
+    with kill_once("index.shard_task", marker):
+        build_index([faces_run.uri], str(out), OPTIONS, engine_runner("ray"))
     assert marker.exists()  # a shard task's worker did die
     assert_same_bundle(out, local_bundle)
 
