@@ -150,12 +150,22 @@ class Tally:
                 f"({max_error_fraction:g}); no manifest was written; most common reasons: {self._top()}"
             )
 
+    def check(self, max_error_fraction: float, min_images: int) -> None:
+        """While a run goes on: a systemic failure, or the failure budget spent, stops the job."""
+        self.check_systemic()
+        self.check_budget(max_error_fraction, min_images)
+
+    def check_end(self, max_error_fraction: float, min_images: int) -> None:
+        """At the end of a run: every image failing (however few) or the budget spent fails it."""
+        if self.images and self.status["error"] == self.images:
+            self.fail()
+        self.check_budget(max_error_fraction, min_images)
+
     def _top(self) -> str:
         return "; ".join(f"{reason} (x{n})" for reason, n in self.reasons.most_common(3))
 
     def fail(self) -> None:
-        top = "; ".join(f"{reason} (x{n})" for reason, n in self.reasons.most_common(3))
-        raise FatalError(f"every one of {self.images} images failed; most common reasons: {top}")
+        raise FatalError(f"every one of {self.images} images failed; most common reasons: {self._top()}")
 
 
 def finish_run(state: RunState, manifest: dict) -> dict:

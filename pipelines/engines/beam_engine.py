@@ -357,11 +357,9 @@ class CommitUnit(beam.DoFn):
 
 def _finish(tally: Tally, info: ModelInfo, run: str, manifest_args: tuple) -> None:
     """The run's commit point, after every unit: fail on a systemic failure, else the manifest."""
-    if tally.images and tally.status["error"] == tally.images:
-        tally.fail()
     job, run_id, started = manifest_args
     # Beam keeps no running count across workers, so the budget is checked on the final one.
-    tally.check_budget(job.max_error_fraction, job.min_images_for_budget)
+    tally.check_end(job.max_error_fraction, job.min_images_for_budget)
     if is_committed(run):  # a replayed bundle: the manifest is already there
         return
     try:

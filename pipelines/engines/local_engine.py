@@ -169,8 +169,7 @@ class LocalRun:
         while self.window:
             self._pop()
         self.bar.close()
-        if self.tally.images and self.tally.status["error"] == self.tally.images:
-            self.tally.fail()
+        self.tally.check_end(self.job.max_error_fraction, self.job.min_images_for_budget)
 
     def _slot(self, raw: RawImage, buffer: UnitBuffer) -> Slot:
         if raw.data is None:
@@ -210,8 +209,7 @@ class LocalRun:
         result = item.result or self._wait(item)
         item.buffer.add(item.raw, result, item.owner)
         self.tally.add(result)
-        self.tally.check_systemic()
-        self.tally.check_budget(self.job.max_error_fraction, self.job.min_images_for_budget)
+        self.tally.check(self.job.max_error_fraction, self.job.min_images_for_budget)
         self.bar.update(1)
         elapsed = self.bar.format_dict["elapsed"] or 1e-9
         tally = self.tally

@@ -83,9 +83,7 @@ def run_job(job: JobConfig) -> RunSummary:
     finally:
         if connected_here:
             ray.shutdown()
-    if tally.images and tally.status["error"] == tally.images:
-        tally.fail()
-    tally.check_budget(job.max_error_fraction, job.min_images_for_budget)
+    tally.check_end(job.max_error_fraction, job.min_images_for_budget)
     body = finish_run(state, manifest_header(job, run_id, "ray", info, started))
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     return RunSummary(run_id, uri, body, len(state.done), elapsed, analyzed)
@@ -216,10 +214,27 @@ def _owner_rows(group):
 class _Run:
     def __init__(self, job: JobConfig, run_id: str, run: str, info: ModelInfo):
         self.job, self.run_id, self.run, self.info = job, run_id, run, info
+        self.budget = None  # the Budget actor, while process() runs
 
     def process(self, tasks: list[UnitTask], committed: dict[int, ImageResult]) -> tuple[Tally, int]:
         if not tasks:
             return Tally(), 0
+        import ray
+
+        job = self.job
+        budget = ray.remote(Budget).options(num_cpus=0, **ray_options())
+        self.budget = budget.remote(job.max_error_fraction, job.min_images_for_budget)
+        try:
+            return self._process(tasks, committed)
+        except Exception as exc:
+            verdict = _verdict(self.budget)
+            if verdict is None:
+                raise
+            raise FatalError(verdict) from exc  # the budget actor's message, not Ray's wrapping
+        finally:
+            ray.kill(self.budget)
+
+    def _process(self, tasks: list[UnitTask], committed: dict[int, ImageResult]) -> tuple[Tally, int]:
         out = self._pipeline(tasks, committed).materialize()
         summaries = out.select_columns(["tally", "exports", "analyzed", "waiting"]).take_all()
         foreign = dict(committed)
@@ -269,7 +284,54 @@ class _Run:
         )
 
     def _commit_kwargs(self, foreign: dict[int, ImageResult]) -> dict:
-        return {"run": self.run, "run_id": self.run_id, "info": self.info, "foreign": foreign}
+        return {
+            "run": self.run,
+            "run_id": self.run_id,
+            "info": self.info,
+            "foreign": foreign,
+            "budget": self.budget,
+        }
+
+
+class Budget:
+    """The run's running tally, on a small actor that every unit commit reports to. The first
+    report past the failure budget (or of a systemic failure) stops the job there, as the local
+    engine does, instead of after every unit was quarantined. A unit retried after an actor died
+    reports twice; both counts grow, so the error fraction barely moves."""
+
+    def __init__(self, max_error_fraction: float, min_images: int):
+        self.limits = (max_error_fraction, min_images)
+        self.tally = Tally()
+        self.verdict: str | None = None
+
+    def add(self, tally: Tally) -> str | None:
+        self.tally.merge(tally)
+        if self.verdict is None:
+            try:
+                self.tally.check(*self.limits)
+            except FatalError as exc:
+                self.verdict = str(exc)
+        return self.verdict
+
+    def get_verdict(self) -> str | None:
+        return self.verdict
+
+
+def _verdict(budget) -> str | None:
+    import ray
+
+    try:
+        return ray.get(budget.get_verdict.remote(), timeout=30)
+    except Exception:  # the actor is gone too: the original error is the one to show
+        return None
+
+
+def _report(tally: Tally, budget) -> None:
+    """Add a committed unit's counts to the run's budget; past it, fail this call (and the job)."""
+    import ray
+
+    if tally.images and (verdict := ray.get(budget.add.remote(tally))):
+        raise FatalError(verdict)
 
 
 def _pool_size(cfg: RayConfig, units: int) -> int:
@@ -335,17 +397,20 @@ class Analyzer:
         return resolve_batch(self.pool, self.pool.submit(_analyze, batch), _analyze, batch)
 
 
-def _commit_or_wait(work: UnitWork, run: str, run_id: str, info: ModelInfo, foreign: dict) -> dict:
+def _commit_or_wait(work: UnitWork, run: str, run_id: str, info: ModelInfo, foreign: dict, budget) -> dict:
     """Commit the unit now, or hand it on to wait for owners in units still being analysed."""
     summary = {"exports": pickle.dumps(exported_results(work))}
     if foreign_owners(work) - foreign.keys():
         return {**summary, "tally": pickle.dumps(Tally()), "waiting": True, "deferred": pickle.dumps(work)}
     tally = commit_unit(work, run, run_id, info.model_id, info.dim, foreign)
+    _report(tally, budget)
     return {**summary, "tally": pickle.dumps(tally), "waiting": False, "deferred": b""}
 
 
 def _commit_deferred(
-    row: dict, run: str, run_id: str, info: ModelInfo, foreign: dict[int, ImageResult]
+    row: dict, run: str, run_id: str, info: ModelInfo, foreign: dict[int, ImageResult], budget
 ) -> dict:
     work: UnitWork = pickle.loads(row["deferred"])
-    return {"tally": pickle.dumps(commit_unit(work, run, run_id, info.model_id, info.dim, foreign))}
+    tally = commit_unit(work, run, run_id, info.model_id, info.dim, foreign)
+    _report(tally, budget)
+    return {"tally": pickle.dumps(tally)}

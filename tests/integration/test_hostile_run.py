@@ -23,7 +23,7 @@ import yaml
 from PIL import Image, ImageOps
 
 from pipelines.core import isolate
-from pipelines.core.config import DatasetSpec, DecodeConfig, JobConfig
+from pipelines.core.config import DatasetSpec, DecodeConfig, JobConfig, RayConfig
 from pipelines.core.errors import FatalError
 from pipelines.engines.local_engine import run_job
 from tests.helpers import image_rows, read_table, write_small_copies
@@ -302,6 +302,32 @@ def test_a_run_past_its_failure_budget_stops_without_a_manifest(tmp_path, faces_
     with pytest.raises(FatalError, match=r"4 of 4 images failed, more than max_error_fraction \(0.25\)"):
         run_job(job)
     assert not (tmp_path / "out" / "runs" / "r" / "_manifest.json").exists()
+
+
+def test_ray_stops_at_the_failure_budget_not_at_the_end(tmp_path):
+    """Every committed unit reports to the run's budget actor: the job fails on the report that
+    spends the budget, long before the 12 units of bad bytes are all quarantined."""
+    from pipelines.engines import ray_engine
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(24):
+        (folder / f"a{i:02}.jpg").write_bytes(b"not an image %d" % i)
+    job = JobConfig(
+        datasets=[DatasetSpec(name="bad", source=str(folder))],
+        out=str(tmp_path / "out"),
+        run_id="r",
+        images_per_shard=2,
+        progress=False,
+        max_error_fraction=0.25,
+        min_images_for_budget=4,
+        ray=RayConfig(actors=1),
+    )
+    with pytest.raises(FatalError, match=r"\d+ of \d+ images failed, more than max_error_fraction \(0.25\)"):
+        ray_engine.run_job(job)
+    run = tmp_path / "out" / "runs" / "r"
+    assert not (run / "_manifest.json").exists()
+    assert len(list((run / "images").glob("part-*.parquet"))) < 12
 
 
 # ---------------------------------------------------------------- the distributed engines
