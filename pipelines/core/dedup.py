@@ -56,6 +56,19 @@ def plan_order(job: JobConfig, state: RunState) -> list[PlannedUnit]:
     return [PlannedUnit(u, i, u.key in done) for i, u in enumerate(units)]
 
 
+# The pseudo unit before the run's first, holding the images known from earlier runs.
+KNOWN_ORDINAL = -1
+
+
+def known_owners(known: dict[str, ImageResult]) -> Iterator[tuple[int, str, ImageResult]]:
+    """(order, sha, result without faces) of each image whose faces earlier runs committed with
+    the same model (``faceaudit rebuild``'s incremental ingest), as owners in a pseudo unit that
+    sorts before the run's first: every occurrence in the run is then a duplicate of one, written
+    with its result and no faces, and never decoded. The local engine's ``seen`` does the same."""
+    for i, sha in enumerate(sorted(known)):
+        yield order_of(KNOWN_ORDINAL, i), sha, known[sha].without_faces()
+
+
 @dataclass(slots=True)
 class Occurrence:
     """One occurrence read from a unit: where it came from, its hash, and its bytes while needed."""

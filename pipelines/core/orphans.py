@@ -31,7 +31,8 @@ from .writer import RUN_MANIFEST, is_committed, read_manifest
 
 log = logging.getLogger(__name__)
 
-BEAM_PLAN = "_beam-plan.jsonl"  # the Beam engine's unit plan (pipelines/engines/beam_engine.PLAN)
+BEAM_PLAN = "_beam-plan.jsonl"  # the Beam engine's unit plan, in the run's folder while it runs
+BEAM_KNOWN = "_beam-known.jsonl"  # the Beam engine's images known from earlier runs (rebuild)
 SHARD = re.compile(r"(faces|images)/part-[^/]+\.parquet")
 
 
@@ -89,7 +90,7 @@ def newest(entries: Iterable[Entry]) -> float:
 
 def faceaudit_file(rel: str) -> bool:
     """A file of a run folder that faceaudit writes and may delete (never the manifest)."""
-    return is_tmp(rel) or bool(SHARD.fullmatch(rel)) or rel == BEAM_PLAN
+    return is_tmp(rel) or bool(SHARD.fullmatch(rel)) or rel in (BEAM_PLAN, BEAM_KNOWN)
 
 
 def run_orphans(run: str, older_than_s: float, now: float | None = None) -> list[Orphan]:

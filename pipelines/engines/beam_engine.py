@@ -24,12 +24,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..core import isolate, storage
+from ..core import isolate, orphans, storage
 from ..core.config import DecodeConfig, HttpConfig, JobConfig, ModelConfig
 from ..core.dedup import (
     Occurrence,
     PlannedUnit,
     committed_results,
+    known_owners,
     merge_tallies,
     ordinal_of,
     plan_order,
@@ -51,7 +52,7 @@ from ..core.run import (
     read_manifest,
     run_uri,
 )
-from ..core.stages import analyze_decoded, decode_one, read_error_result
+from ..core.stages import analyze_decoded, decode_one, read_error_result, result_from_image_row
 from ..core.storage import AlreadyExists
 from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require
 from .local_engine import RunSummary
@@ -62,11 +63,13 @@ log = logging.getLogger(__name__)
 beam = require("apache_beam", "beam")
 inference = require("apache_beam.ml.inference.base", "beam")
 
-PLAN = "_beam-plan.jsonl"  # the run's units, one JSON line each, read by the pipeline
+PLAN = orphans.BEAM_PLAN  # the run's units, one JSON line each, read by the pipeline
+KNOWN_FILE = orphans.BEAM_KNOWN  # images known from earlier runs (rebuild), one JSON line each
 UNREADABLE = "unreadable"  # dead letters of the read step: occurrences whose bytes could not be read
 Decoded = tuple[ImageResult, DecodedImage | None]  # decode_one's result: the row so far, the pixels
 UNITS = "units"  # one marker per unit, so that a unit with no readable image still commits
 KNOWN = "known"  # occurrences whose owner was committed by an earlier attempt of the run
+ANALYZED = "analyzed"  # the counter of images sent to decode, detect and embed
 
 
 @dataclass(slots=True)
@@ -87,11 +90,18 @@ class UnitRow:
     owner: bool
 
 
-def run_job(job: JobConfig, pipeline_args: Sequence[str] = ()) -> RunSummary:
+def run_job(
+    job: JobConfig,
+    pipeline_args: Sequence[str] = (),
+    known: dict[str, ImageResult] | None = None,
+    known_from: list[str] | None = None,
+) -> RunSummary:
     """Run (or resume) an ingest job as a Beam pipeline; returns the committed run's manifest.
 
     ``pipeline_args`` are Beam pipeline options (``--runner=DataflowRunner --project=...``),
     appended to ``job.beam.options``; without a runner, the DirectRunner runs it here.
+    ``known`` and ``known_from`` as for the local engine: images whose faces earlier runs committed
+    get ``images`` rows here without being decoded or embedded again.
     """
     started = dt.datetime.now(dt.timezone.utc)
     run_id = job.run_id or new_run_id()
@@ -99,14 +109,14 @@ def run_job(job: JobConfig, pipeline_args: Sequence[str] = ()) -> RunSummary:
     if not is_committed(uri):
         state = plan_run(job, run_id)
         plan = write_plan(uri, plan_order(job, state))
-        args = [*job.beam.options, *pipeline_args]
-        _run_pipeline(job, run_id, plan, started, args)
+        run = BeamRun(job, run_id, plan, write_known(uri, known), known_from, started)
+        result = run_pipeline([*job.beam.options, *pipeline_args], run.attach)
         if not is_committed(uri):  # a runner that returns before the job ends (a launched template)
             log.warning("run %s was submitted; its manifest is written when the job ends", run_id)
             return RunSummary(run_id, uri, {"run_id": run_id, "counts": {}, "engine": "beam"})
-        storage.remove(plan)
+        _remove_inputs(uri)
         elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
-        return RunSummary(run_id, uri, read_manifest(uri), len(state.done), elapsed)
+        return RunSummary(run_id, uri, read_manifest(uri), len(state.done), elapsed, _analyzed(result))
     return RunSummary(run_id, uri, read_manifest(uri))
 
 
@@ -119,6 +129,49 @@ def write_plan(run: str, units: list[PlannedUnit]) -> str:
     return uri
 
 
+def write_known(run: str, known: dict[str, ImageResult] | None) -> str | None:
+    """Known images reach the workers through a file too (millions of them, in a big rebuild)."""
+    if known is None:
+        return None
+    lines = [json.dumps({"order": order, **_result_fields(r)}) for order, _, r in known_owners(known)]
+    uri = storage.join(run, KNOWN_FILE)
+    storage.write_atomic(uri, "\n".join(lines).encode() + b"\n")
+    return uri
+
+
+def _result_fields(result: ImageResult) -> dict:
+    return {
+        "image_sha256": result.image_sha256,
+        "status": result.status,
+        "error_stage": result.error_stage,
+        "error": result.error,
+        "width": result.width,
+        "height": result.height,
+        "n_faces": result.n_faces,
+    }
+
+
+def _known_owner(line: str) -> tuple[str, Committed]:
+    fields = json.loads(line)
+    order = fields.pop("order")
+    return fields["image_sha256"], Committed(order, result_from_image_row(fields))
+
+
+def _analyzed(result) -> int:
+    """Images decoded and embedded, from the pipeline's counter (attempted counts: committed ones
+    are not kept by every runner)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    found = result.metrics().query(MetricsFilter().with_name(ANALYZED))["counters"]
+    return sum(c.attempted or 0 for c in found)
+
+
+def _remove_inputs(run: str) -> None:
+    """The plan and the known images, once every step that reads them has finished."""
+    for name in (PLAN, KNOWN_FILE):
+        storage.remove(storage.join(run, name))
+
+
 def _planned(line: str) -> PlannedUnit:
     fields = json.loads(line)
     ordinal, done = fields.pop("ordinal"), fields.pop("done")
@@ -126,18 +179,18 @@ def _planned(line: str) -> PlannedUnit:
     return PlannedUnit(WorkUnit(**fields), ordinal, done)
 
 
-def _run_pipeline(job: JobConfig, run_id: str, plan: str, started: dt.datetime, args: list[str]) -> None:
-    run_pipeline(args, lambda p: build_pipeline(p, job, run_id, plan, started))
-
-
-def run_pipeline(args: list[str], attach: Callable[[beam.Pipeline], object]) -> None:
-    """Run the transforms ``attach`` adds to a pipeline of options ``args``; a FatalError raised
-    in a worker is raised here as itself, whatever the runner wrapped it in."""
+def run_pipeline(args: list[str], attach: Callable[[beam.Pipeline], object]):
+    """Run the transforms ``attach`` adds to a pipeline of options ``args`` and return the runner's
+    result; a FatalError raised in a worker is raised here as itself, whatever the runner wrapped
+    it in."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     try:
-        with beam.Pipeline(options=PipelineOptions(args)) as p:
-            attach(p)
+        p = beam.Pipeline(options=PipelineOptions(args))
+        attach(p)
+        result = p.run()
+        result.wait_until_finish()
+        return result
     except FatalError:
         raise
     except Exception as exc:  # runners wrap worker errors; surface ours by its message
@@ -161,46 +214,61 @@ def _fatal_in(exc: BaseException) -> str | None:
     return None
 
 
-def build_pipeline(p, job: JobConfig, run_id: str, plan: str, started: dt.datetime) -> None:
-    run = run_uri(job.out, run_id)
-    info = beam.pvalue.AsSingleton(
-        p | "Model" >> beam.Create([job.model]) | "Describe" >> beam.Map(describe_model)
-    )
-    units = p | "Plan" >> beam.io.ReadFromText(plan) | "Parse" >> beam.Map(_planned)
-    reads = (
-        units
-        | "Pending" >> beam.Filter(lambda u: not u.done)
-        | "Spread" >> beam.Reshuffle()
-        | "Read" >> beam.ParDo(ReadUnit(job.http)).with_outputs(UNREADABLE, UNITS, main="images")
-    )
-    committed = units | "Done" >> beam.Filter(lambda u: u.done) | "Committed" >> beam.FlatMap(_committed, run)
-    owners = (
-        (reads.images, committed)
-        | "All images" >> beam.Flatten()
-        | "By image" >> beam.GroupByKey()
-        | "Owners" >> beam.ParDo(PickOwner()).with_outputs(KNOWN, main="todo")
-    )
-    handler = FaceModelHandler(job.model, default_batch_size(job.model, job.beam.max_batch_size))
-    decoded, crashed = _decode(owners.todo, job.decode)
-    analysed = (
-        (
-            decoded | "Analyse" >> inference.RunInference(inference.KeyedModelHandler(handler)),
-            crashed | "Decode failures" >> beam.Map(_decode_failure, job.decode.timeout_s),
+@dataclass(frozen=True)
+class BeamRun:
+    """One attempt of a run as a pipeline: its job, the plan and known-images files it reads."""
+
+    job: JobConfig
+    run_id: str
+    plan: str
+    known: str | None
+    known_from: list[str] | None
+    started: dt.datetime
+
+    def attach(self, p) -> None:
+        job, run = self.job, run_uri(self.job.out, self.run_id)
+        info = beam.pvalue.AsSingleton(
+            p | "Model" >> beam.Create([job.model]) | "Describe" >> beam.Map(describe_model)
         )
-        | "Results" >> beam.Flatten()
-        | "Fan out" >> beam.FlatMap(_fan_out)
-    )
-    tallies = (
-        (analysed, owners[KNOWN], reads[UNREADABLE], reads[UNITS])
-        | "All rows" >> beam.Flatten()
-        | "By unit" >> beam.GroupByKey()
-        | "Commit" >> beam.ParDo(CommitUnit(run, run_id), info)
-    )
-    _ = (
-        tallies
-        | "Count" >> beam.CombineGlobally(merge_tallies)
-        | "Finish" >> beam.Map(_finish, info, run, manifest_args=(job, run_id, started))
-    )
+        units = p | "Plan" >> beam.io.ReadFromText(self.plan) | "Parse" >> beam.Map(_planned)
+        reads = (
+            units
+            | "Pending" >> beam.Filter(lambda u: not u.done)
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(ReadUnit(job.http)).with_outputs(UNREADABLE, UNITS, main="images")
+        )
+        done = units | "Done" >> beam.Filter(lambda u: u.done)
+        images = [reads.images, done | "Committed" >> beam.FlatMap(_committed, run)]
+        if self.known:
+            known = p | "Known" >> beam.io.ReadFromText(self.known)
+            images.append(known | "Owners known" >> beam.Map(_known_owner))
+        owners = (
+            tuple(images)
+            | "All images" >> beam.Flatten()
+            | "By image" >> beam.GroupByKey()
+            | "Owners" >> beam.ParDo(PickOwner()).with_outputs(KNOWN, main="todo")
+        )
+        handler = FaceModelHandler(job.model, default_batch_size(job.model, job.beam.max_batch_size))
+        decoded, crashed = _decode(owners.todo, job.decode)
+        analysed = (
+            (
+                decoded | "Analyse" >> inference.RunInference(inference.KeyedModelHandler(handler)),
+                crashed | "Decode failures" >> beam.Map(_decode_failure, job.decode.timeout_s),
+            )
+            | "Results" >> beam.Flatten()
+            | "Fan out" >> beam.FlatMap(_fan_out)
+        )
+        tallies = (
+            (analysed, owners[KNOWN], reads[UNREADABLE], reads[UNITS])
+            | "All rows" >> beam.Flatten()
+            | "By unit" >> beam.GroupByKey()
+            | "Commit" >> beam.ParDo(CommitUnit(run, self.run_id), info)
+        )
+        _ = (
+            tallies
+            | "Count" >> beam.CombineGlobally(merge_tallies)
+            | "Finish" >> beam.Map(_finish, info, run, self)
+        )
 
 
 class ReadUnit(beam.DoFn):
@@ -228,6 +296,8 @@ class PickOwner(beam.DoFn):
     """All occurrences of one image -> its owner's bytes to analyse, keyed by the occurrences
     that will share the result; or, when an earlier attempt committed the owner, the rows."""
 
+    analyzed = beam.metrics.Metrics.counter("faceaudit", ANALYZED)
+
     def process(self, element: tuple[str, Iterable[Occurrence | Committed]]) -> Iterator[Any]:
         _, items = element
         ordered = sorted(items, key=lambda item: item.order)
@@ -238,6 +308,7 @@ class PickOwner(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(KNOWN, (ordinal_of(occ.order), row))
             return
         data = owner.raw.data
+        self.analyzed.inc()
         yield [occ.drop_bytes() for occ in pending], data
 
 
@@ -355,15 +426,17 @@ class CommitUnit(beam.DoFn):
         yield tally
 
 
-def _finish(tally: Tally, info: ModelInfo, run: str, manifest_args: tuple) -> None:
+def _finish(tally: Tally, info: ModelInfo, run: str, attempt: BeamRun) -> None:
     """The run's commit point, after every unit: fail on a systemic failure, else the manifest."""
-    job, run_id, started = manifest_args
+    job = attempt.job
     # Beam keeps no running count across workers, so the budget is checked on the final one.
     tally.check_end(job.max_error_fraction, job.min_images_for_budget)
     if is_committed(run):  # a replayed bundle: the manifest is already there
         return
+    known_runs = None if attempt.known is None else attempt.known_from or []
+    header = manifest_header(job, attempt.run_id, "beam", info, attempt.started, known_runs)
     try:
-        finish_run(RunState(run, [], []), manifest_header(job, run_id, "beam", info, started))
+        finish_run(RunState(run, [], []), header)
     except AlreadyExists:
         log.info("the manifest of %s was written by another attempt", run)
-    storage.remove(storage.join(run, PLAN))  # every step that reads it has finished
+    _remove_inputs(run)

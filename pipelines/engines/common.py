@@ -34,9 +34,17 @@ def default_batch_size(config: ModelConfig, configured: int) -> int:
     return configured or (1 if config.backend == "dlib" else 16)
 
 
-def manifest_header(job: JobConfig, run_id: str, engine: str, info: ModelInfo, started: dt.datetime) -> dict:
-    """The manifest fields every engine writes (finish_run adds counts and shards)."""
-    return {
+def manifest_header(
+    job: JobConfig,
+    run_id: str,
+    engine: str,
+    info: ModelInfo,
+    started: dt.datetime,
+    known_from: list[str] | None = None,
+) -> dict:
+    """The manifest fields every engine writes (finish_run adds counts and shards).
+    ``known_from``: the runs holding the faces of images this run knew and did not embed again."""
+    header = {
         "run_id": run_id,
         "engine": engine,
         "model_id": info.model_id,
@@ -48,6 +56,9 @@ def manifest_header(job: JobConfig, run_id: str, engine: str, info: ModelInfo, s
         "config": job.model_dump(mode="json"),
         "created_at": started.isoformat(),
     }
+    if known_from is not None:
+        header["faces_from_runs"] = sorted(known_from)
+    return header
 
 
 def require(module: str, extra: str) -> ModuleType:

@@ -260,9 +260,7 @@ def run_job(
         local.run()
     finally:
         executor.shutdown(cancel_futures=True)
-    header = manifest_header(job, run_id, "local", info, started)
-    if known is not None:
-        header["faces_from_runs"] = sorted(known_from or [])  # faces of known images live there
-    body = finish_run(state, header)
+    known_runs = None if known is None else known_from or []  # faces of known images live there
+    body = finish_run(state, manifest_header(job, run_id, "local", info, started, known_runs))
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     return RunSummary(run_id, uri, body, len(state.done), elapsed, local.analyzed)

@@ -40,6 +40,7 @@ from ..core.dedup import (
     duplicates,
     exported_results,
     foreign_owners,
+    known_owners,
     merge_tallies,
     plan_order,
     read_for_analysis,
@@ -62,8 +63,14 @@ MAX_BLOCKS = 10_000  # one unit per block up to this many units (a block is one 
 DRIVER_GROUP_MAX = 1_000_000  # occurrences whose hashes (40 bytes each) the driver groups itself
 
 
-def run_job(job: JobConfig) -> RunSummary:
-    """Run (or resume) an ingest job on Ray; returns the committed run's manifest."""
+def run_job(
+    job: JobConfig, known: dict[str, ImageResult] | None = None, known_from: list[str] | None = None
+) -> RunSummary:
+    """Run (or resume) an ingest job on Ray; returns the committed run's manifest.
+
+    ``known`` and ``known_from`` as for the local engine: images whose faces earlier runs committed
+    get ``images`` rows here without being decoded or embedded again.
+    """
     started = dt.datetime.now(dt.timezone.utc)
     run_id = job.run_id or new_run_id()
     uri = run_uri(job.out, run_id)
@@ -76,7 +83,7 @@ def run_job(job: JobConfig) -> RunSummary:
         _quiet(job.progress)
         info = _describe(ray, job)
         units = plan_order(job, state)
-        dups, committed = _find_duplicates(units, job, state.uri)
+        dups, committed = _find_duplicates(units, job, state.uri, known or {})
         tasks = unit_tasks(units, dups)
         run = _Run(job, run_id, state.uri, info)
         tally, analyzed = run.process(tasks, committed)
@@ -84,7 +91,8 @@ def run_job(job: JobConfig) -> RunSummary:
         if connected_here:
             ray.shutdown()
     tally.check_end(job.max_error_fraction, job.min_images_for_budget)
-    body = finish_run(state, manifest_header(job, run_id, "ray", info, started))
+    known_runs = None if known is None else known_from or []
+    body = finish_run(state, manifest_header(job, run_id, "ray", info, started, known_runs))
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     return RunSummary(run_id, uri, body, len(state.done), elapsed, analyzed)
 
@@ -128,9 +136,12 @@ def _describe(ray, job: JobConfig) -> ModelInfo:
 
 
 def _find_duplicates(
-    units: list[PlannedUnit], job: JobConfig, run: str
+    units: list[PlannedUnit], job: JobConfig, run: str, known: dict[str, ImageResult]
 ) -> tuple[list[Duplicate], dict[int, ImageResult]]:
-    """Pending occurrences met before in the run, and the committed results of owners in done units."""
+    """Pending occurrences met before in the run (or known from earlier runs), and the committed
+    results of owners in done units (or known)."""
+    import ray.data
+
     pending = [p for p in units if not p.done]
     if not pending:
         return [], {}
@@ -138,7 +149,10 @@ def _find_duplicates(
     done = [p for p in units if p.done]
     if done:
         rows = rows.union(_items(done).flat_map(_committed_rows, fn_kwargs={"run": run}))
-    if sum(len(p.unit.items) for p in units) <= DRIVER_GROUP_MAX:
+    if known:
+        owners = [{"sha": s, "order": o, "result": pickle.dumps(r)} for o, s, r in known_owners(known)]
+        rows = rows.union(ray.data.from_items(owners))
+    if sum(len(p.unit.items) for p in units) + len(known) <= DRIVER_GROUP_MAX:
         found = _group_in_driver(rows)
     else:
         # a few partitions for a small run: each partition is a task, and 200 idle tasks cost seconds

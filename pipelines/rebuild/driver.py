@@ -31,7 +31,7 @@ from indexing.build import BuildOptions
 from indexing.errors import IntegrityError
 from indexing.extend import VersionOptions, VersionResult, build_version, discard, write_manifest
 from indexing.search import open_index
-from pipelines.core import erasure, storage
+from pipelines.core import erasure, orphans, storage
 from pipelines.core.config import DatasetSpec, JobConfig, ModelConfig, load_registry
 from pipelines.core.errors import ConfigError, FaceauditError, FatalError
 from pipelines.core.faults import checkpoint
@@ -47,7 +47,6 @@ from .plan import Delta, Source, current_sources, live_pairs, plan_delta, record
 
 log = logging.getLogger(__name__)
 KNOWN_STATUSES = ("ok", "no_face")  # results worth reusing; errors are tried again
-BEAM_PLAN = "_beam-plan.jsonl"  # in a Beam run's folder while its job is in flight
 
 
 @dataclass(slots=True)
@@ -201,7 +200,7 @@ def ingest(state: Rebuild) -> None:
 def beam_in_flight(run: str, wait_s: float) -> bool:
     """A Beam run of this id was submitted and has not committed: its plan file is there, and
     younger than ``wait_s`` (older: the job died, and the run is submitted again, resuming)."""
-    plan_file = storage.join(run, BEAM_PLAN)
+    plan_file = storage.join(run, orphans.BEAM_PLAN)
     if is_committed(run) or not storage.exists(plan_file):
         return False
     fs, path = storage.url_to_fs(plan_file)
@@ -243,17 +242,19 @@ def rebuild_run_id(state: Rebuild) -> str:
 
 
 def run_ingest(state: Rebuild, job: JobConfig):
+    """Ingest the delta on the configured engine; images the current version already embedded
+    with this model are not decoded or embedded again, on any engine."""
+    known, runs = known_images(state)
     if job.engine == "ray":
         from pipelines.engines import ray_engine
 
-        return ray_engine.run_job(job)
+        return ray_engine.run_job(job, known, runs)
     if job.engine == "beam":
         from pipelines.engines import beam_engine
 
-        return beam_engine.run_job(job)  # pipeline options: job.beam.options
+        return beam_engine.run_job(job, (), known, runs)  # pipeline options: job.beam.options
     from pipelines.engines.local_engine import run_job
 
-    known, runs = known_images(state)
     return run_job(job, known, runs)
 
 

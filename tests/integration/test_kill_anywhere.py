@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from indexing import build_index, open_index
+from pipelines.core import orphans
 from pipelines.core.config import DatasetSpec, JobConfig
 from pipelines.core.faults import KILL_AT, KILL_ONCE
 from pipelines.engines.local_engine import run_job
@@ -214,7 +215,7 @@ def assert_no_leftovers(root: Path) -> None:
     left = [
         p
         for p in root.rglob("*")
-        if ".tmp-" in p.name or p.name in ("_beam-plan.jsonl", ".faceaudit-build.lock")
+        if ".tmp-" in p.name or p.name in (orphans.BEAM_PLAN, orphans.BEAM_KNOWN, ".faceaudit-build.lock")
     ]
     assert not left, f"left behind: {left}"
 

@@ -161,6 +161,27 @@ def test_incremental_rebuild_processes_only_the_delta(tmp_path, pool):
     assert third.status == "up to date" and third.version is None and current(root) == second.version.version
 
 
+@pytest.mark.parametrize("engine", ["ray", "beam"])
+def test_rebuild_on_ray_and_beam_embeds_only_new_images(tmp_path, pool, engine):
+    """The distributed engines get the current version's images too: a copy of an indexed photo
+    in a new data set is listed, not decoded or embedded again."""
+    root = tmp_path / engine
+    dataset(root, "a", pool[0:3])
+    first = rebuild(config(root))
+    assert first.analyzed == 3
+    before = face_ids(root / "index")
+    dataset(root, "b", [pool[3], pool[0]])  # one new photo, one copy of a's first
+    second = rebuild(config(root, engine=engine))
+    assert second.status == "published" and second.analyzed == 1
+    run = json.loads((Path(second.run_uri) / "_manifest.json").read_text())
+    assert run["engine"] == engine and run["faces_from_runs"] == [Path(first.run_uri).name]
+    rows = {Path(r["source_uri"]).name: r for r in read_table(second.run_uri, "images").to_pylist()}
+    assert rows[pool[0].name]["n_faces"] > 0  # its result, from the first run
+    new_faces = read_table(second.run_uri, "faces").to_pylist()
+    assert {Path(f["source_uri"]).name for f in new_faces} == {pool[3].name}
+    assert face_ids(root / "index") == before | {f["face_id"] for f in new_faces}
+
+
 def test_killed_rebuild_keeps_the_previous_version(tmp_path, base, pool):
     root = tmp_path / "kill"
     shutil.copytree(base / "registry", root / "registry")
