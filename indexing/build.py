@@ -38,7 +38,7 @@ from pipelines.core import erasure, orphans, storage
 from pipelines.core.errors import ConfigError
 from pipelines.core.faults import checkpoint
 
-from . import bundle, gpu
+from . import bundle, erase, gpu
 from . import runs as runsmod
 from .params import FLAT_MAX, IndexPlan, choose_plan
 from .recall import (
@@ -173,10 +173,19 @@ def build_index(
     started = time.time()
     if opts.threads:
         faiss.omp_set_num_threads(opts.threads)
-    watch = Stopwatch()
     runs = runsmod.find_runs(run_uris)
+    with erase.sweep_lock(out, holder="an index build"):  # an erasure sweep rewrites runs we read
+        return _build_locked(runs, out, opts, runner, started)
+
+
+def _build_locked(
+    runs: list[Run], out: str, opts: BuildOptions, runner: ShardRunner | None, started: float
+) -> BuildResult:
+    watch = Stopwatch()
     model_id, dim = runsmod.check_same_model(runs)
-    inputs = scan_ids(runs, model_id, erasure.load(opts.erasure_log or erasure.default_log(out)))
+    log_uri = opts.erasure_log or erasure.default_log(out)
+    erased = erasure.load(log_uri)
+    inputs = scan_ids(runs, model_id, erased)
     watch.lap("scan_ids")
     if inputs.unique == 0:
         raise ConfigError("the runs hold no faces; nothing to index")
@@ -205,7 +214,7 @@ def build_index(
             built_on_gpu=use_gpu,
             build_phases=watch.laps,
         )
-        commit_bundle(out, version, body)
+        commit_bundle(out, version, body, erased.entries, log_uri)
     return BuildResult(folder, version, body, time.time() - started)
 
 
@@ -240,10 +249,12 @@ def build_into(
     return manifest_body(runs, inputs, plan, opts, shards, report, model_id, dim)
 
 
-def commit_bundle(out: str, version: str, body: dict) -> None:
-    """The shards are committed already: write the manifest last (create-only), then move CURRENT."""
+def commit_bundle(out: str, version: str, body: dict, honoured: tuple[str, ...], log_uri: str) -> None:
+    """The shards are committed already: write the manifest last (create-only), then move CURRENT,
+    once any erasure logged since the scan (``honoured``: the entries it read) is swept from it."""
     checkpoint("index.before_manifest")
     storage.write_atomic(storage.join(out, version, bundle.MANIFEST), bundle.seal(body), create_only=True)
+    erase.catch_up(out, honoured, log_uri, body)
     checkpoint("index.before_current")
     bundle.move_current(out, version)
 

@@ -10,10 +10,18 @@ Order, which makes an erasure crash-safe and idempotent (docs/erasure.md):
    operator names, and download caches. Old objects and, on GCS, their noncurrent versions are
    deleted. A sweep removes whatever the log names and is still there, so running it again after
    a crash finishes the job, and running it when nothing is left changes nothing.
+
+Concurrency: sweeps of one index root run one at a time, under a lock object beside the rebuild's
+(``_erase.lock``); a second eraser waits for it and then sweeps itself, since the running sweep may
+have read the log before the second entry. An index build or rebuild re-reads the log after its
+manifest is committed and before it moves CURRENT (``catch_up``) and sweeps when an entry came in
+after it read the log: an eraser lists the versions after logging and a build reads the log after
+its manifest, so one of the two always sees the other and a new version cannot bring a face back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -21,8 +29,9 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +45,13 @@ from pipelines.core import erasure, storage
 from pipelines.core.errors import FatalError
 from pipelines.core.faults import checkpoint
 from pipelines.core.writer import RUN_MANIFEST, parquet_bytes
+from pipelines.rebuild.lock import LockHeld, RebuildLock
 
 from . import bundle
 from .search import Index, read_faiss
 
+SWEEP_LOCK = "_erase.lock"  # under the index root while a sweep runs
+SWEEP_WAIT_S = 900.0  # how long an eraser or a build waits for another sweep to finish
 PENDING = "_erasure_pending.json"  # in a run folder: sha256s of shards an interrupted erase rewrote
 METADATA_ROW_GROUP = 4096
 REVISION = re.compile(r"\.e\d+(?=\.[^./]+$)")
@@ -155,15 +167,60 @@ def erase(
 ) -> Report:
     """Log the faces (the intent: from now on nothing returns them), then remove them everywhere."""
     log = erasure.ErasureLog(log_uri or erasure.default_log(index_root(index_uri)))
-    face_ids = sorted({f.face_id for f in found} | {int(i) for i in extra_face_ids})
-    whole = sorted(set(whole_images))
-    entry = None
-    if face_ids or whole:
-        entry = log.append(face_ids, sorted({f.image_sha256 for f in found} | set(whole)), whole)
+    entry = log_faces(log, found, extra_face_ids, whole_images)
     checkpoint("erase.logged")
-    report = sweep(index_uri, log, exports, cache_dirs)
+    with sweep_lock(index_root(index_uri)):
+        report = sweep(index_uri, log, exports, cache_dirs)
     report.entry = entry
     return report
+
+
+def log_faces(
+    log: erasure.ErasureLog,
+    found: list[Found],
+    extra_face_ids: Iterable[int] = (),
+    whole_images: Iterable[str] = (),
+) -> str | None:
+    """Append one entry for the faces (and whole images); returns its name, None when empty."""
+    face_ids = sorted({f.face_id for f in found} | {int(i) for i in extra_face_ids})
+    whole = sorted(set(whole_images))
+    if not (face_ids or whole):
+        return None
+    return log.append(face_ids, sorted({f.image_sha256 for f in found} | set(whole)), whole)
+
+
+@contextlib.contextmanager
+def sweep_lock(root: str, holder: str = "an erasure sweep", wait_s: float = SWEEP_WAIT_S) -> Iterator[None]:
+    """Hold the index root's sweep lock for the block, waiting up to ``wait_s`` for its holder.
+
+    Erasure sweeps take it, and so do index builds and rebuilds from their scan of the runs to
+    the move of CURRENT: a sweep rewrites run shards that a build reads by row position."""
+    lock = RebuildLock(root, ttl_s=600, name=SWEEP_LOCK, holder=holder)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lock.acquire()
+            break
+        except LockHeld as held:
+            if time.monotonic() >= deadline:
+                raise FatalError(f"{held}; waited {wait_s:g} s, try again later") from None
+            time.sleep(1.0)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def catch_up(root: str, honoured: Iterable[str], log_uri: str, manifest: dict) -> bool:
+    """For a build holding the sweep lock, its manifest committed and CURRENT not yet moved: sweep
+    the index root (the new version included) when the erasure log has entries the build did not
+    read, or its runs hold faces the log names (``counts.erased``: an ingest that read the log
+    before an erasure, a run restored from a backup). True if it swept."""
+    log = erasure.ErasureLog(log_uri)
+    if set(log.entry_names()) <= set(honoured) and not manifest.get("counts", {}).get("erased"):
+        return False
+    sweep(root, log)
+    return True
 
 
 def index_root(uri: str) -> str:

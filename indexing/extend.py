@@ -61,6 +61,7 @@ class VersionResult:
     decision: Decision
     seconds: float
     attempts: list[dict] = field(default_factory=list)  # each try: mode, reason, recall@10
+    erasures: tuple[str, ...] = ()  # the erasure log entries the version honours (erase.catch_up)
 
 
 # ---------------------------------------------------------------- scope
@@ -228,7 +229,8 @@ def build_version(
             "attempts": attempts,
         },
     )
-    return VersionResult(folder, version, body, decision, time.time() - started, attempts)
+    seconds = time.time() - started
+    return VersionResult(folder, version, body, decision, seconds, attempts, erased.entries)
 
 
 def _build_once(

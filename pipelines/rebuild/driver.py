@@ -25,9 +25,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from indexing import bundle
+from indexing import bundle, erase
 from indexing import runs as runsmod
 from indexing.build import BuildOptions
+from indexing.erase import read_bundle_manifest
 from indexing.errors import IntegrityError
 from indexing.extend import VersionOptions, VersionResult, build_version, discard, write_manifest
 from indexing.search import open_index
@@ -97,10 +98,12 @@ def run_steps(state: Rebuild, lock: RebuildLock) -> None:
     else:
         _step(state, "ingest", ingest)
         if state.status == "running":  # else a launched ingest job is still to finish
-            _step(state, "build", build)
-            _step(state, "check", check)
-            lock.check()
-            _step(state, "publish", publish)
+            # erasure sweeps wait meanwhile: they rewrite the run shards the build reads
+            with erase.sweep_lock(state.config.index, holder="a rebuild's index build"):
+                _step(state, "build", build)
+                _step(state, "check", check)
+                lock.check()
+                _step(state, "publish", publish)
     _step(state, "gc", collect_garbage)
 
 
@@ -374,6 +377,9 @@ def version_problems(folder: str, body: dict, sources: dict[str, Source], cfg: R
 
 def publish(state: Rebuild) -> None:
     assert state.version is not None
+    index = state.config.index
+    if erase.catch_up(index, state.version.erasures, erasure.default_log(index), state.version.manifest):
+        state.version.manifest = read_bundle_manifest(state.version.folder)  # swept in place
     checkpoint("rebuild.before_current")
     if not bundle.move_current(state.config.index, state.version.version):
         raise FatalError(f"CURRENT already names a newer version than {state.version.version}; not moved")

@@ -1,4 +1,5 @@
-"""One rebuild at a time: a lock object with an expiry under the index root.
+"""One rebuild at a time: a lock object with an expiry under the index root. (The same lock, under
+another name, keeps erasure sweeps of one index root to one at a time: ``indexing.erase``.)
 
 Taking it is a create-only write (an exclusive create locally, an upload with
 ``ifGenerationMatch=0`` on gs://), so of two rebuilds exactly one gets it. The holder renews the
@@ -26,7 +27,7 @@ DEFAULT_TTL_S = 3600
 
 
 class LockHeld(FaceauditError):
-    """Another rebuild holds the lock."""
+    """Another process holds the lock."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class LockInfo:
     nonce: str
     started_at: str
     expires_at: str
+    holder: str = "a rebuild"  # what the holder is doing (older locks lack it: they were rebuilds)
 
     def expired(self, now: dt.datetime) -> bool:
         return dt.datetime.fromisoformat(self.expires_at) <= now
@@ -73,8 +75,16 @@ def process_gone(info: LockInfo) -> bool:
 class RebuildLock:
     """``with RebuildLock(index_uri): ...`` holds the lock for the block (or raises LockHeld)."""
 
-    def __init__(self, index: str, ttl_s: int = DEFAULT_TTL_S, renew: bool = True):
-        self.uri = storage.join(index, LOCK_NAME)
+    def __init__(
+        self,
+        index: str,
+        ttl_s: int = DEFAULT_TTL_S,
+        renew: bool = True,
+        name: str = LOCK_NAME,
+        holder: str = "a rebuild",
+    ):
+        self.uri = storage.join(index, name)
+        self.holder = holder  # what the lock's holder is doing, for messages
         self.ttl_s = ttl_s
         self.renew = renew
         self.info: LockInfo | None = None
@@ -96,6 +106,7 @@ class RebuildLock:
             nonce,
             started_at or now.isoformat(),
             (now + dt.timedelta(seconds=self.ttl_s)).isoformat(),
+            self.holder,
         )
 
     def acquire(self) -> LockInfo:
@@ -134,7 +145,7 @@ class RebuildLock:
     def _held_message(self, found: bytes | None) -> str:
         held = parse_lock(found) if found else None
         who = held.describe() if held else "holder unknown"
-        return f"a rebuild is in progress ({who}); lock {self.uri}"
+        return f"{held.holder if held else self.holder} is in progress ({who}); lock {self.uri}"
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(max(1.0, self.ttl_s / 3)):
@@ -160,7 +171,7 @@ class RebuildLock:
     def check(self) -> None:
         """Fail loudly if the lock was lost (expired and taken over): nothing may be published."""
         if self.lost:
-            raise FatalError(f"the rebuild lock {self.uri} was taken over by another rebuild; stopping")
+            raise FatalError(f"the lock {self.uri} was taken over by another process; {self.holder} stops")
 
     def release(self) -> None:
         self._stop.set()

@@ -223,6 +223,64 @@ def test_reingest_and_rebuild_do_not_bring_them_back(work, pristine, queries):
     assert swept.manifest["erasure"]["faces_removed"] == len(ids)
 
 
+def test_an_erasure_logged_during_a_build_is_swept_before_current_moves(work, queries, monkeypatch):
+    """An eraser that logs after a build read the log waits for the build's sweep lock; the build
+    sweeps the entry itself before CURRENT moves, so the new version never serves the faces."""
+    import indexing.build as build
+    from indexing.erase import log_faces
+
+    index = open_index("index")
+    found = find_by_photos(index, ["photos/img4.jpg"])
+    ids = {f.face_id for f in found}
+    assert ids
+    scan = build.scan_ids
+
+    def scan_then_erase(*args, **kwargs):
+        inputs = scan(*args, **kwargs)  # the log is read: nothing erased yet
+        log_faces(erasure.ErasureLog(erasure.default_log("index")), found)  # an eraser logs, then waits
+        return inputs
+
+    monkeypatch.setattr(build, "scan_ids", scan_then_erase)
+    built = build_index(["out"], "index")
+    assert built.manifest["counts"].get("erased", 0) == 0  # the scan did index the faces
+    fresh = open_index("index")
+    assert fresh.manifest["version"] == built.version
+    assert fresh.manifest["erasure"]["faces_removed"] == len(ids)  # swept before CURRENT moved
+    assert not set(fresh.search_ids(queries["img4"], fresh.ntotal)[1][0]) & ids
+    stores = list((Path(built.folder) / "store").glob("ids-*.npy"))  # revised names after a sweep
+    assert stores and not {int(i) for p in stores for i in np.load(p)} & ids
+    assert not set(faces_table(work).column("face_id").to_pylist()) & ids  # the runs were swept too
+    assert not (work / "index" / "_erase.lock").exists()
+
+
+def test_erasure_sweeps_of_one_index_take_turns(work):
+    import threading
+    import time
+
+    from indexing.erase import sweep_lock
+    from pipelines.core.errors import FatalError
+
+    held, order = threading.Event(), []
+
+    def first():
+        with sweep_lock("index"):
+            held.set()
+            time.sleep(1.5)
+            order.append("first done")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    held.wait(10)
+    with pytest.raises(FatalError, match="an erasure sweep is in progress"):
+        with sweep_lock("index", wait_s=0):
+            pass
+    with sweep_lock("index"):  # waits for the first
+        order.append("second")
+    thread.join()
+    assert order == ["first done", "second"]
+    assert not (work / "index" / "_erase.lock").exists()
+
+
 KILL_POINTS = ["erase.logged", "erase.run_shard", "erase.bundle_files", "erase.bundle_manifest"]
 
 

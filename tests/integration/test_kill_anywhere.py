@@ -37,7 +37,8 @@ PHOTOS = 8
 
 # Local and index build: every point. Units commit faces, then images (write_atomic: temporary
 # file, then rename): on the local engine the 3rd write is the second unit's faces shard and the
-# 7th the run manifest; in the index build the 1st is the manifest and the 2nd CURRENT.
+# 7th the run manifest; in the index build the 1st is the sweep lock (indexing.erase.sweep_lock),
+# the 2nd the manifest and the 3rd CURRENT.
 LOCAL_POINTS = [
     "analyze.batch:2",  # the driver, while a worker decodes
     "storage.before_rename:3",  # inside a shard write: temporary file written, not renamed
@@ -48,10 +49,10 @@ LOCAL_POINTS = [
 INDEX_POINTS = [
     "index.shard_written",
     "index.before_manifest",
-    "storage.before_rename:1",  # inside the manifest write
+    "storage.before_rename:2",  # inside the manifest write
     "index.before_current",
     "index.move_current",
-    "storage.before_rename:2",  # inside CURRENT's write
+    "storage.before_rename:3",  # inside CURRENT's write
 ]
 # Ray: one point hits an actor inside its first shard write (the engine retries the unit and the
 # driver deletes the temporary file), one the driver. An actor killed while it analyses is
