@@ -93,17 +93,19 @@ def read_error_result(raw: RawImage) -> ImageResult:
 
 
 def image_row(result: ImageResult, dataset: str, source_uri: str, run_id: str) -> dict:
+    return {**result_fields(result), "dataset": dataset, "source_uri": source_uri, "run_id": run_id}
+
+
+def result_fields(result: ImageResult) -> dict:
+    """What an ``images`` row records of a result (``result_from_image_row`` reads it back)."""
     return {
         "image_sha256": result.image_sha256,
-        "dataset": dataset,
-        "source_uri": source_uri,
         "status": result.status,
         "error_stage": result.error_stage,
         "error": result.error,
         "width": result.width,
         "height": result.height,
         "n_faces": result.n_faces,
-        "run_id": run_id,
     }
 
 

@@ -52,7 +52,7 @@ from ..core.run import (
     read_manifest,
     run_uri,
 )
-from ..core.stages import analyze_decoded, decode_one, read_error_result, result_from_image_row
+from ..core.stages import analyze_decoded, decode_one, read_error_result, result_fields, result_from_image_row
 from ..core.storage import AlreadyExists
 from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require
 from .local_engine import RunSummary
@@ -133,22 +133,10 @@ def write_known(run: str, known: dict[str, ImageResult] | None) -> str | None:
     """Known images reach the workers through a file too (millions of them, in a big rebuild)."""
     if known is None:
         return None
-    lines = [json.dumps({"order": order, **_result_fields(r)}) for order, _, r in known_owners(known)]
+    lines = [json.dumps({"order": order, **result_fields(r)}) for order, _, r in known_owners(known)]
     uri = storage.join(run, KNOWN_FILE)
     storage.write_atomic(uri, "\n".join(lines).encode() + b"\n")
     return uri
-
-
-def _result_fields(result: ImageResult) -> dict:
-    return {
-        "image_sha256": result.image_sha256,
-        "status": result.status,
-        "error_stage": result.error_stage,
-        "error": result.error,
-        "width": result.width,
-        "height": result.height,
-        "n_faces": result.n_faces,
-    }
 
 
 def _known_owner(line: str) -> tuple[str, Committed]:

@@ -283,22 +283,27 @@ def test_logs_and_error_rows_hold_no_pixels_no_base64_and_no_embeddings(hostile_
 # ---------------------------------------------------------------- the failure budget
 
 
+def budget_job(folder: Path, out: Path, **extra) -> JobConfig:
+    """Two images per unit; the budget is spent once more than a quarter of 4 or more fail."""
+    return JobConfig(
+        datasets=[DatasetSpec(name="bad", source=str(folder))],
+        out=str(out),
+        run_id="r",
+        images_per_shard=2,
+        progress=False,
+        max_error_fraction=0.25,
+        min_images_for_budget=4,
+        **extra,
+    )
+
+
 def test_a_run_past_its_failure_budget_stops_without_a_manifest(tmp_path, faces_dir):
     folder = tmp_path / "mostly-bad"
     folder.mkdir()
     for i in range(6):
         (folder / f"a{i}.jpg").write_bytes(b"not an image %d" % i)
     write_small_copies([faces_dir / "img1.jpg", faces_dir / "img2.jpg"], folder, max_side=320)
-    job = JobConfig(
-        datasets=[DatasetSpec(name="bad", source=str(folder))],
-        out=str(tmp_path / "out"),
-        run_id="r",
-        images_per_shard=2,
-        progress=False,
-        workers=1,
-        max_error_fraction=0.25,
-        min_images_for_budget=4,
-    )
+    job = budget_job(folder, tmp_path / "out", workers=1)
     with pytest.raises(FatalError, match=r"4 of 4 images failed, more than max_error_fraction \(0.25\)"):
         run_job(job)
     assert not (tmp_path / "out" / "runs" / "r" / "_manifest.json").exists()
@@ -313,16 +318,7 @@ def test_ray_stops_at_the_failure_budget_not_at_the_end(tmp_path):
     folder.mkdir()
     for i in range(24):
         (folder / f"a{i:02}.jpg").write_bytes(b"not an image %d" % i)
-    job = JobConfig(
-        datasets=[DatasetSpec(name="bad", source=str(folder))],
-        out=str(tmp_path / "out"),
-        run_id="r",
-        images_per_shard=2,
-        progress=False,
-        max_error_fraction=0.25,
-        min_images_for_budget=4,
-        ray=RayConfig(actors=1),
-    )
+    job = budget_job(folder, tmp_path / "out", ray=RayConfig(actors=1))
     with pytest.raises(FatalError, match=r"\d+ of \d+ images failed, more than max_error_fraction \(0.25\)"):
         ray_engine.run_job(job)
     run = tmp_path / "out" / "runs" / "r"
