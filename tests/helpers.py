@@ -7,7 +7,6 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -66,5 +65,15 @@ def kill_once(point: str, marker: Path) -> Iterator[None]:
     dies by SIGKILL and leaves ``marker``; the engines hand the variables to their workers."""
     from pipelines.core.faults import KILL_AT, KILL_ONCE
 
-    with mock.patch.dict(os.environ, {KILL_AT: point, KILL_ONCE: str(marker)}):
+    # Only these two: mock.patch.dict would restore all of os.environ, dropping what code inside
+    # set for good (ray.init puts its cluster's auth token there for later drivers to find).
+    saved = {key: os.environ.get(key) for key in (KILL_AT, KILL_ONCE)}
+    os.environ.update({KILL_AT: point, KILL_ONCE: str(marker)})
+    try:
         yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
