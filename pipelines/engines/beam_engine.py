@@ -67,7 +67,7 @@ PLAN = orphans.BEAM_PLAN  # the run's units, one JSON line each, read by the pip
 KNOWN_FILE = orphans.BEAM_KNOWN  # images known from earlier runs (rebuild), one JSON line each
 UNREADABLE = "unreadable"  # dead letters of the read step: occurrences whose bytes could not be read
 Decoded = tuple[ImageResult, DecodedImage | None]  # decode_one's result: the row so far, the pixels
-UNITS = "units"  # one marker per unit, so that a unit with no readable image still commits
+UNITS = "units"  # one ReadMarker per unit: a unit with no readable image still commits
 KNOWN = "known"  # occurrences whose owner was committed by an earlier attempt of the run
 ANALYZED = "analyzed"  # the counter of images sent to decode, detect and embed
 
@@ -237,12 +237,8 @@ class BeamRun:
             | "Owners" >> beam.ParDo(PickOwner()).with_outputs(KNOWN, main="todo")
         )
         handler = FaceModelHandler(job.model, default_batch_size(job.model, job.beam.max_batch_size))
-        decoded, crashed = _decode(owners.todo, job.decode)
         analysed = (
-            (
-                decoded | "Analyse" >> inference.RunInference(inference.KeyedModelHandler(handler)),
-                crashed | "Decode failures" >> beam.Map(_decode_failure, job.decode.timeout_s),
-            )
+            tuple(_analyse(owners.todo, job.decode, handler))
             | "Results" >> beam.Flatten()
             | "Fan out" >> beam.FlatMap(_fan_out)
         )
@@ -266,13 +262,23 @@ class ReadUnit(beam.DoFn):
         self.http = http
 
     def process(self, planned: PlannedUnit) -> Iterator[Any]:
-        yield beam.pvalue.TaggedOutput(UNITS, (planned.ordinal, planned))
+        count = 0
         for occ in read_occurrences(planned, self.http):
+            count += 1
             if occ.sha is None:
                 row = UnitRow(position_of(occ.order), occ.raw, read_error_result(occ.raw), owner=False)
                 yield beam.pvalue.TaggedOutput(UNREADABLE, (planned.ordinal, row))
             else:
                 yield occ.sha, occ
+        yield beam.pvalue.TaggedOutput(UNITS, (planned.ordinal, ReadMarker(planned, count)))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMarker:
+    """A unit was read: it has ``occurrences`` rows to commit, at positions 0 to occurrences - 1."""
+
+    planned: PlannedUnit
+    occurrences: int
 
 
 def _committed(planned: PlannedUnit, run: str) -> Iterator[tuple[str, Committed]]:
@@ -309,25 +315,33 @@ def _fan_out(element: tuple[list[Occurrence], ImageResult]) -> Iterator[tuple[in
         yield ordinal_of(occ.order), row
 
 
-def _decode(todo, decode: DecodeConfig):
-    """Decoded owners and the dead letters of those that killed the decoder twice.
+def _analyse(todo, decode: DecodeConfig, handler) -> list:
+    """(occurrences, result) PCollections: the decoded owners analysed, and an error result for each
+    owner that killed its decoder twice or hung.
 
     An image whose decode subprocess died is decoded once more in a fresh one before it becomes an
     error row: Beam starts the subprocess outside its crash handling, so a subprocess that dies
     while starting fails the element it was started for and the next one (seen as pairs of
     healthy photos marked 'crashed' in 320, on the DirectRunner). A real crasher dies twice.
+    Each decode feeds its own RunInference, and only the small results are flattened: flattening
+    the decoded pixels ahead of one RunInference lost a sixth of them on the DirectRunner's
+    multi-processing mode (265 of 320 reached it; a Beam bug, seen with 566 MB data buffers).
     """
     decoded, crashed = todo | "Decode" >> _decode_step(decode)
-    if not decode.isolate:
-        return decoded, crashed
-    died = crashed | "Died" >> beam.Filter(lambda dead: not _timed_out(dead))
-    timed_out = crashed | "Timed out" >> beam.Filter(_timed_out)  # a hang is not tried again
-    inputs = died | "Dead input" >> beam.Map(lambda dead: dead[0])
-    again, crashed_twice = inputs | "Decode again" >> _decode_step(decode)
-    return (
-        (decoded, again) | "Decoded" >> beam.Flatten(),
-        (timed_out, crashed_twice) | "Dead letters" >> beam.Flatten(),
-    )
+    failures = crashed
+    branches = [decoded | "Analyse" >> _run_inference(handler)]
+    if decode.isolate:
+        died = crashed | "Died" >> beam.Filter(lambda dead: not _timed_out(dead))
+        timed_out = crashed | "Timed out" >> beam.Filter(_timed_out)  # a hang is not tried again
+        inputs = died | "Dead input" >> beam.Map(lambda dead: dead[0])
+        again, crashed_twice = inputs | "Decode again" >> _decode_step(decode)
+        branches.append(again | "Analyse again" >> _run_inference(handler))
+        failures = (timed_out, crashed_twice) | "Dead letters" >> beam.Flatten()
+    return [*branches, failures | "Decode failures" >> beam.Map(_decode_failure, decode.timeout_s)]
+
+
+def _run_inference(handler):
+    return inference.RunInference(inference.KeyedModelHandler(handler))
 
 
 def _timed_out(dead: tuple) -> bool:
@@ -403,8 +417,15 @@ class CommitUnit(beam.DoFn):
 
     def process(self, element: tuple[int, Iterable[Any]], info: ModelInfo) -> Iterator[Tally]:
         items = list(element[1])
-        planned = next(i for i in items if isinstance(i, PlannedUnit))
+        marker = next(i for i in items if isinstance(i, ReadMarker))
+        planned = marker.planned
         rows = sorted((i for i in items if isinstance(i, UnitRow)), key=lambda r: r.position)
+        if [r.position for r in rows] != list(range(marker.occurrences)):
+            # Never commit a unit short of rows: its images shard marks it done for every resume.
+            raise FatalError(
+                f"unit {planned.unit.key}: {len(rows)} rows for {marker.occurrences} images reached "
+                "the commit; not committed (the runner lost or repeated elements)"
+            )
         buffer = UnitBuffer(planned.unit, self.run_id, info.model_id, info.dim)
         tally = Tally()
         for row in rows:
