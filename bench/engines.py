@@ -203,6 +203,18 @@ def main() -> None:
     print(f"\nRay scaling, 1 -> {args.cpus} actors: {many / one:.2f}x")
     print(f"best of {args.rounds} round(s); load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
     print("CPU s/img: CPU seconds of the engine's processes (workers, daemons) per image, in the run")
+    # Every engine must write what the local engine writes: a throughput figure over other output
+    # is no figure (this check found Beam losing images on its multi-processing DirectRunner).
+    wrong = [
+        f"{r['name']}: {r['images']} images, {r['faces']} faces"
+        for rnd in rounds
+        for r in rnd
+        if (r["images"], r["faces"]) != (n, rows[0]["faces"])
+    ]
+    if wrong:
+        expected = f"{n} images, {rows[0]['faces']} faces"
+        print(f"\nOUTPUT DIFFERS from the local engine's ({expected}): " + "; ".join(wrong))
+        sys.exit(1)
 
 
 if __name__ == "__main__":
