@@ -41,6 +41,19 @@ def master_pairs(faces_dir) -> list[tuple[str, str, bool]]:
 
 
 @pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs) for the session's Ray tests (starting one takes seconds); jobs run in
+    subprocesses join it by its address. Stopped at the end only if started here."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def faces_run(tmp_path_factory, faces_dir):
     """One real ingest of every shared photo (dlib models, local engine), shared by all tests."""
     from pipelines.core.config import DatasetSpec, JobConfig

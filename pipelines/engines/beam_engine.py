@@ -123,19 +123,20 @@ def run_job(
 def write_plan(run: str, units: list[PlannedUnit]) -> str:
     """The units go to the workers through a file, not inside the pipeline graph: a plan of
     millions of images would outgrow a runner's graph size limit (Dataflow's is 10 MB)."""
-    lines = [json.dumps({"ordinal": p.ordinal, "done": p.done, **asdict(p.unit)}) for p in units]
-    uri = storage.join(run, PLAN)
-    storage.write_atomic(uri, "\n".join(lines).encode() + b"\n")
-    return uri
+    rows = ({"ordinal": p.ordinal, "done": p.done, **asdict(p.unit)} for p in units)
+    return _write_json_lines(storage.join(run, PLAN), rows)
 
 
 def write_known(run: str, known: dict[str, ImageResult] | None) -> str | None:
     """Known images reach the workers through a file too (millions of them, in a big rebuild)."""
     if known is None:
         return None
-    lines = [json.dumps({"order": order, **result_fields(r)}) for order, _, r in known_owners(known)]
-    uri = storage.join(run, KNOWN_FILE)
-    storage.write_atomic(uri, "\n".join(lines).encode() + b"\n")
+    rows = ({"order": order, **result_fields(r)} for order, _, r in known_owners(known))
+    return _write_json_lines(storage.join(run, KNOWN_FILE), rows)
+
+
+def _write_json_lines(uri: str, rows: Iterable[dict]) -> str:
+    storage.write_atomic(uri, "".join(json.dumps(row) + "\n" for row in rows).encode())
     return uri
 
 

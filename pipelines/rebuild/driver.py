@@ -313,19 +313,9 @@ def build(state: Rebuild) -> None:
     if state.run_uri is not None and all(r.uri != state.run_uri for r in runs):
         runs.append(runsmod.load_run(state.run_uri))
     runs.sort(key=lambda r: (r.run_id, r.uri))
-    opts = VersionOptions(
-        BuildOptions(
-            max_bytes_per_vector=s.max_bytes_per_vector,
-            target_recall=s.target_recall,
-            vectors_per_shard=s.vectors_per_shard,
-            recall_queries=s.recall_queries,
-            seed=s.seed,
-            flat_max=s.flat_max,
-            nlist=s.nlist,
-            on_disk=s.on_disk,
-        ),
-        growth_factor=s.growth_factor,
-    )
+    # every index setting but these two is a BuildOptions field of the same name
+    build_opts = BuildOptions(**s.model_dump(exclude={"min_recall", "growth_factor"}))
+    opts = VersionOptions(build_opts, growth_factor=s.growth_factor)
     result = build_version(
         runs, live_pairs(state.sources), cfg.index, opts, state.current, state.current_folder
     )

@@ -19,18 +19,9 @@ ENGINES = ("ray", "beam")
 BEAM_IN_PROCESS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole session (starting one takes seconds)."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 def run_engine(engine: str, job: JobConfig, request, **kwargs) -> local_engine.RunSummary:
     if engine == "ray":
-        request.getfixturevalue("ray_session")
+        request.getfixturevalue("ray_local")
         return ray_engine.run_job(job, **kwargs)
     if engine == "beam":
         return beam_engine.run_job(job, [*BEAM_IN_PROCESS, *kwargs.get("beam_args", ())])
@@ -194,7 +185,7 @@ def test_the_shared_photos_give_the_same_index_on_every_engine(engine_runs, tmp_
     they name (their folders and manifests differ) and the time fields."""
     from indexing import build_index
 
-    request.getfixturevalue("ray_session")
+    request.getfixturevalue("ray_local")
     for engine in ("local", *ENGINES):
         build_index([engine_runs[engine]], str(tmp_path / engine), OPTIONS, engine_runner(engine))
     for engine in ENGINES:

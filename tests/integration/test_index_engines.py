@@ -66,18 +66,6 @@ def assert_same_bundle(root: Path, expected: Path, ignore: tuple[str, ...] = ())
 
 
 @pytest.fixture(scope="module")
-def ray_up():
-    """A local Ray for this module, or the one test_engines.py's session already started."""
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def local_bundle(faces_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("index-local")
     result = build_index([faces_run.uri], str(out), OPTIONS)
@@ -88,12 +76,12 @@ def local_bundle(faces_run, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("engine", ["ray", "beam"])
 def test_every_engine_builds_the_local_bundle(engine, faces_run, local_bundle, tmp_path, request):
     if engine == "ray":
-        request.getfixturevalue("ray_up")
+        request.getfixturevalue("ray_local")
     build_index([faces_run.uri], str(tmp_path), OPTIONS, engine_runner(engine))
     assert_same_bundle(tmp_path, local_bundle)
 
 
-def test_ray_retries_a_shard_task_that_dies(faces_run, local_bundle, tmp_path, ray_up):
+def test_ray_retries_a_shard_task_that_dies(faces_run, local_bundle, tmp_path, ray_local):
     marker = tmp_path / "killed-once"
     out = tmp_path / "index"
     with kill_once("index.shard_task", marker):

@@ -97,16 +97,10 @@ def reference_index(tmp_path_factory, reference) -> tuple[np.ndarray, list]:
     return queries, search(str(out / "index"), queries)
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    """One local Ray for the module's runs to join (starting one per run costs far more)."""
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
+@pytest.fixture
+def ray_address(ray_local) -> str:
+    """The session's Ray, for the runs to join (starting one per run costs far more)."""
+    return ray_local.get_runtime_context().gcs_address
 
 
 # ---------------------------------------------------------------- running and killing
