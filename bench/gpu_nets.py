@@ -1,0 +1,225 @@
+"""The networks bench/gpu.py measures, and their helpers: SCRFD-10G- and IResNet-50-shaped PyTorch
+networks with random weights, their multiply-add count, ONNX export, and TorchRunner, which runs a
+torch module behind our detector's and embedder's ``run(uint8 NHWC batch)`` interface.
+
+torch is imported inside the functions, so that this module imports without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def torch_networks():
+    """(SCRFD-10G-shaped detector, IResNet-50-shaped embedder) as torch modules."""
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, stride=1, k=3, act=True):
+        layers = [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
+        return nn.Sequential(*layers, nn.ReLU(inplace=True)) if act else nn.Sequential(*layers)
+
+    class Basic(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(conv_bn(cin, cout, stride), conv_bn(cout, cout, act=False))
+            self.skip = (
+                nn.Identity()
+                if stride == 1 and cin == cout
+                else nn.Sequential(nn.AvgPool2d(stride, stride), conv_bn(cin, cout, k=1, act=False))
+            )
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.skip(x))
+
+    class ScrfdLike(nn.Module):
+        """ResNet-v1e stem, BasicBlock stages (3, 4, 2, 3) of (56, 88, 88, 224) channels, a PAFPN of
+        56 channels and shared 3-conv heads of 80 channels over strides 8, 16, 32, 2 anchors each:
+        SCRFD-10G's layout. Score logits get a fixed map so that every image has exactly two
+        confident, far-apart anchors: random weights would otherwise score everything near 0.5."""
+
+        def __init__(self, size=640):
+            super().__init__()
+            self.stem = nn.Sequential(
+                conv_bn(3, 28, 2), conv_bn(28, 28), conv_bn(28, 56), nn.MaxPool2d(3, 2, 1)
+            )
+            stages, cin = [], 56
+            for blocks, cout, stride in ((3, 56, 1), (4, 88, 2), (2, 88, 2), (3, 224, 2)):
+                stages.append(
+                    nn.Sequential(
+                        *[
+                            Basic(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+                            for i in range(blocks)
+                        ]
+                    )
+                )
+                cin = cout
+            self.stages = nn.ModuleList(stages)
+            self.lateral = nn.ModuleList([conv_bn(c, 56, k=1) for c in (88, 88, 224)])
+            self.top_down = nn.ModuleList([conv_bn(56, 56) for _ in range(3)])
+            self.bottom_up = nn.ModuleList([conv_bn(56, 56, 2) for _ in range(2)])
+            self.head = nn.Sequential(conv_bn(56, 80), conv_bn(80, 80), conv_bn(80, 80))
+            self.cls, self.reg, self.kps = (
+                nn.Conv2d(80, 2, 3, 1, 1),
+                nn.Conv2d(80, 8, 3, 1, 1),
+                nn.Conv2d(80, 20, 3, 1, 1),
+            )
+            n32 = (size // 32) ** 2 * 2
+            bias = torch.full((n32,), -30.0)
+            cells = n32 // 2
+            bias[[2 * (cells // 8), 2 * (cells - cells // 8)]] = 30.0  # two anchors far apart
+            self.register_buffer("score_bias", bias)
+
+        def forward(self, x):
+            x = self.stem(x)
+            feats = []
+            for i, stage in enumerate(self.stages):
+                x = stage(x)
+                if i >= 1:
+                    feats.append(x)
+            lat = [f(x) for f, x in zip(self.lateral, feats, strict=True)]
+            for i in (1, 0):
+                lat[i] = lat[i] + nn.functional.interpolate(
+                    lat[i + 1], size=lat[i].shape[-2:], mode="nearest"
+                )
+            outs = [f(x) for f, x in zip(self.top_down, lat, strict=True)]
+            for i in (0, 1):
+                outs[i + 1] = outs[i + 1] + self.bottom_up[i](outs[i])
+            scores, boxes, points = [], [], []
+            for level, feat in enumerate(outs):
+                h = self.head(feat)
+                b = feat.shape[0]
+                s = self.cls(h).permute(0, 2, 3, 1).reshape(b, -1, 1)
+                if level == 2:
+                    s = s + self.score_bias.view(1, -1, 1).to(s.dtype)
+                else:
+                    s = s - 30
+                scores.append(torch.sigmoid(s))
+                boxes.append(self.reg(h).permute(0, 2, 3, 1).reshape(b, -1, 4).abs() + 1)  # valid boxes
+                points.append(self.kps(h).permute(0, 2, 3, 1).reshape(b, -1, 10))
+            return (*scores, *boxes, *points)
+
+    class IBasic(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.BatchNorm2d(cin),
+                nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.PReLU(cout),
+                nn.Conv2d(cout, cout, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(cout),
+            )
+            self.skip = (
+                nn.Identity()
+                if stride == 1 and cin == cout
+                else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            )
+
+        def forward(self, x):
+            return self.body(x) + self.skip(x)
+
+    class IResNet50(nn.Module):
+        """insightface's arcface_torch iresnet50: 112x112 in, (3, 4, 14, 3) blocks, 512-d out."""
+
+        def __init__(self):
+            super().__init__()
+            layers, cin = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64)], 64
+            for blocks, cout in ((3, 64), (4, 128), (14, 256), (3, 512)):
+                layers += [IBasic(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(blocks)]
+                cin = cout
+            self.body = nn.Sequential(*layers, nn.BatchNorm2d(512))
+            self.fc = nn.Linear(512 * 7 * 7, 512)
+            self.features = nn.BatchNorm1d(512)
+
+        def forward(self, x):
+            return self.features(self.fc(torch.flatten(self.body(x), 1)))
+
+    return ScrfdLike().eval(), IResNet50().eval()
+
+
+def count_gmacs(module, shape) -> float:
+    """Multiply-adds of one image through the Conv2d and Linear layers."""
+    import torch
+    from torch import nn
+
+    total = [0]
+
+    def hook(layer, inputs, output):
+        if isinstance(layer, nn.Conv2d):
+            total[0] += (
+                output.numel()
+                * layer.in_channels
+                // layer.groups
+                * layer.kernel_size[0]
+                * layer.kernel_size[1]
+            )
+        elif isinstance(layer, nn.Linear):
+            total[0] += layer.in_features * layer.out_features
+
+    handles = [
+        m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    with torch.no_grad():
+        module(torch.zeros(1, *shape))
+    for h in handles:
+        h.remove()
+    return total[0] / 1e9
+
+
+def export_onnx(module, shape, path: Path, n_outputs: int) -> str | None:
+    """Export with a symbolic batch dimension; the reason when it fails."""
+    import torch
+
+    names = [f"out{i}" for i in range(n_outputs)]
+    axes = {"input.1": {0: "batch"}, **{n: {0: "batch"} for n in names}}
+    args = dict(input_names=["input.1"], output_names=names, dynamic_axes=axes, opset_version=17)
+    try:
+        try:
+            torch.onnx.export(module, torch.zeros(2, *shape), str(path), dynamo=False, **args)
+        except TypeError:  # a torch without the dynamo switch
+            torch.onnx.export(module, torch.zeros(2, *shape), str(path), **args)
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON, the torch runtime still runs
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
+class TorchRunner:
+    """Our Runner interface on a torch module: uint8 NHWC uploaded, normalised and cast on the GPU."""
+
+    def __init__(self, module, device: str, mean: float, std: float, fp16: bool, per_image: bool = False):
+        import torch
+
+        self.torch, self.device, self.mean, self.scale = torch, device, mean, 1.0 / std
+        self.per_image = per_image  # a batch-1 graph converted from ONNX: one image per forward
+        self.dtype = torch.float16 if fp16 else torch.float32
+        self.module = module.to(device=device, dtype=self.dtype).to(memory_format=torch.channels_last)
+
+    def tensor(self, pixels: np.ndarray):
+        x = self.torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return (
+            ((x.float() - self.mean) * self.scale)
+            .to(self.dtype)
+            .contiguous(memory_format=self.torch.channels_last)
+        )
+
+    def forward(self, x):
+        with self.torch.inference_mode():
+            out = self.module(x)
+        return out if isinstance(out, tuple) else (out,)
+
+    def run(self, pixels: np.ndarray) -> list[np.ndarray]:
+        if not self.per_image:
+            return [o.float().cpu().numpy() for o in self.forward(self.tensor(pixels))]
+        singles = [self.run_one(pixels[i : i + 1]) for i in range(len(pixels))]
+        return [np.concatenate(parts) for parts in zip(*singles, strict=True)]
+
+    def run_one(self, pixels: np.ndarray) -> list[np.ndarray]:
+        outs = [o.float().cpu().numpy() for o in self.forward(self.tensor(pixels))]
+        return [o if o.shape[0] == 1 else o[np.newaxis] for o in outs]  # folded [anchors, k] outputs
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
