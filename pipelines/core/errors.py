@@ -32,3 +32,11 @@ class RecordError(FaceauditError):
         super().__init__(f"{stage}: {reason}")
         self.stage = stage
         self.reason = reason[:300]
+
+
+class AlreadyExists(FileExistsError):
+    """A create-only write found the object already there."""
+
+
+class Conflict(Exception):
+    """A conditional write found the object changed since it was read (compare-and-swap lost)."""

@@ -29,7 +29,7 @@ from urllib.parse import quote
 import google_crc32c
 import requests
 
-from .storage import AlreadyExists, Conflict
+from .errors import AlreadyExists, Conflict
 
 try:
     # gcsfs.core's file system, not the default gcsfs.GCSFileSystem: since 2026 that one asks the

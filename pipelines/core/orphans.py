@@ -10,7 +10,7 @@ leaves may linger. In a run folder an orphan is
 
 Never an orphan: a file a committed manifest lists, the manifest itself, a file faceaudit does not
 write. The index side (unpublished builds) and the ``faceaudit gc`` command are in
-``pipelines/garbage.py``; the helpers they share are here.
+``indexing/gc.py``; the helpers they share are here.
 """
 
 from __future__ import annotations

@@ -97,3 +97,13 @@ def face_id(image_sha256: str, model_id: str, face_index: int) -> int:
     """The FAISS id of a face: first 8 bytes of SHA-256 of ``sha:model:index``, sign bit cleared."""
     digest = hashlib.sha256(f"{image_sha256}:{model_id}:{face_index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a loaded model makes: recorded in every run manifest."""
+
+    model_id: str
+    dim: int
+    match_threshold: float
+    provenance: dict | None = None  # e.g. an insightface pack's files, sha256s and licence

@@ -204,3 +204,15 @@ def _count(run: str, shards: list[ShardInfo]) -> dict:
     out = {key: counts.get(key, 0) for key in ("images", "ok", "no_face", "error", "faces")}
     out["per_dataset"] = {name: dict(c) for name, c in sorted(per_dataset.items())}
     return out
+
+
+@dataclass
+class RunSummary:
+    """What an engine's ``run_job`` returns."""
+
+    run_id: str
+    uri: str
+    manifest: dict
+    resumed_units: int = 0
+    seconds: float = 0.0
+    analyzed: int = 0  # images sent to the model (each distinct image once)

@@ -19,19 +19,12 @@ from collections.abc import Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .errors import AlreadyExists, Conflict  # raised by the writers below (storage.AlreadyExists)
 from .faults import checkpoint
 
 TMP_MARK = ".tmp-"
 GCS_SCHEMES = ("gs://", "gcs://")
 ABSENT = "absent"  # the version token of a local object that does not exist
-
-
-class AlreadyExists(FileExistsError):
-    """A create-only write found the object already there."""
-
-
-class Conflict(Exception):
-    """A conditional write found the object changed since it was read (compare-and-swap lost)."""
 
 
 def is_gcs(uri: str) -> bool:
@@ -217,7 +210,7 @@ def write_if_unchanged(uri: str, data: bytes, token: str) -> str:
     path = _local_path(uri)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    with _folder_lock(folder):
+    with folder_lock(folder):
         if _local_token(_read_or_none(path)) != token:
             raise Conflict(f"{uri} changed since it was read")
         _write_local(path, data, create_only=False)
@@ -244,7 +237,7 @@ def _local_token(data: bytes | None) -> str:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: str) -> Iterator[None]:
+def folder_lock(folder: str) -> Iterator[None]:
     """flock on the folder itself: no lock file to leave behind, released if the process dies."""
     fd = os.open(folder, os.O_RDONLY)
     try:

@@ -43,6 +43,7 @@ from ..core.models import FaceModel, load_model
 from ..core.records import DecodedImage, ImageResult, RawImage, WorkUnit
 from ..core.run import (
     RunState,
+    RunSummary,
     Tally,
     UnitBuffer,
     finish_run,
@@ -55,7 +56,6 @@ from ..core.run import (
 from ..core.stages import analyze_decoded, decode_one, read_error_result, result_fields, result_from_image_row
 from ..core.storage import AlreadyExists
 from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require
-from .local_engine import RunSummary
 
 log = logging.getLogger(__name__)
 

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
-from dataclasses import dataclass
 from types import ModuleType
 
 from ..core.config import JobConfig, ModelConfig
 from ..core.errors import FatalError
 from ..core.models import load_model
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    model_id: str
-    dim: int
-    match_threshold: float
-    provenance: dict | None = None  # e.g. an insightface pack's files, sha256s and licence
+from ..core.records import ModelInfo
 
 
 def describe_model(config: ModelConfig) -> ModelInfo:

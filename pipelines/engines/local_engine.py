@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from ..core.config import DecodeConfig, JobConfig, ModelConfig
-from ..core.errors import FatalError
 from ..core.faults import checkpoint
 from ..core.isolate import IsolatedPool, limits_for, resolve_batch
-from ..core.models import FaceModel, load_model
 from ..core.records import ImageResult, RawImage
 from ..core.run import (
     RunState,
+    RunSummary,
     Tally,
     UnitBuffer,
     finish_run,
@@ -35,45 +34,18 @@ from ..core.run import (
     run_uri,
 )
 from ..core.sources import read_unit
-from ..core.stages import analyze_batch, read_error_result
+from ..core.stages import read_error_result
+from ..core.worker import analyze, describe, init_worker, reset
 from .common import ModelInfo, default_batch_size, manifest_header
 
 log = logging.getLogger(__name__)
-
-# --- worker side: the model is loaded once per process --------------------------------------
-
-_worker: dict = {}
-
-
-def _init_worker(model_config: ModelConfig, decode: DecodeConfig) -> None:
-    _worker.clear()
-    _worker["decode"] = decode
-    try:
-        _worker["model"] = load_model(model_config)
-    except FatalError as exc:
-        _worker["error"] = exc  # reported by the first task, so the driver fails loudly
-
-
-def _model() -> FaceModel:
-    if "error" in _worker:
-        raise _worker["error"]
-    return _worker["model"]
-
-
-def _describe() -> ModelInfo:
-    model = _model()
-    return ModelInfo(model.model_id, model.dim, model.match_threshold, getattr(model, "provenance", None))
-
-
-def _analyze(batch: list[bytes]) -> list[ImageResult]:
-    return analyze_batch(batch, _model(), _worker["decode"])
 
 
 class InlineExecutor:
     """Runs tasks in the driver (workers=1): same code path, no processes."""
 
     def __init__(self, model_config: ModelConfig, decode: DecodeConfig):
-        _init_worker(model_config, decode)
+        init_worker(model_config, decode)
 
     def submit(self, fn, *args) -> Future:
         future: Future = Future()
@@ -84,20 +56,20 @@ class InlineExecutor:
         return future
 
     def shutdown(self, cancel_futures: bool = False) -> None:
-        _worker.clear()
+        reset()
 
 
 def _executor(job: JobConfig, workers: int):
     if job.decode.isolate:  # a crash, hang or memory blow-up in a decoder costs one image, not the job
         limits = limits_for(job.decode, job.model)
-        return IsolatedPool(workers, limits, _init_worker, (job.model, job.decode))
+        return IsolatedPool(workers, limits, init_worker, (job.model, job.decode))
     if workers <= 1:
         return InlineExecutor(job.model, job.decode)
     # spawn, not fork: the driver runs HTTP threads, and forking a threaded process is unsafe
     return ProcessPoolExecutor(
         workers,
         mp_context=mp.get_context("spawn"),
-        initializer=_init_worker,
+        initializer=init_worker,
         initargs=(job.model, job.decode),
     )
 
@@ -129,16 +101,6 @@ class Slot:
 @dataclass
 class UnitEnd:
     buffer: UnitBuffer
-
-
-@dataclass
-class RunSummary:
-    run_id: str
-    uri: str
-    manifest: dict
-    resumed_units: int = 0
-    seconds: float = 0.0
-    analyzed: int = 0  # images sent to the model (each distinct image once)
 
 
 class LocalRun:
@@ -192,7 +154,7 @@ class LocalRun:
     def _submit(self) -> None:
         if self.open_batch.data:
             self.analyzed += len(self.open_batch.data)
-            self.open_batch.future = self.executor.submit(_analyze, self.open_batch.data)
+            self.open_batch.future = self.executor.submit(analyze, self.open_batch.data)
             self.open_batch = Batch()
             checkpoint("analyze.batch")  # the driver, while a worker decodes
 
@@ -225,7 +187,7 @@ class LocalRun:
             self._submit()
         assert batch.future is not None
         if batch.results is None:  # a FatalError from a worker ends the job here
-            batch.results = resolve_batch(self.executor, batch.future, _analyze, batch.data)
+            batch.results = resolve_batch(self.executor, batch.future, analyze, batch.data)
         result = batch.results[slot.position]
         if slot.owner and result.image_sha256:
             self.inflight.pop(result.image_sha256, None)
@@ -255,7 +217,7 @@ def run_job(
     workers = job.workers or os.cpu_count() or 1
     executor = _executor(job, workers)
     try:
-        info = executor.submit(_describe).result()
+        info = executor.submit(describe).result()
         local = LocalRun(job, run_id, state, executor, info)
         local.run()
     finally:

@@ -52,10 +52,19 @@ from ..core.faults import checkpoint, ray_options
 from ..core.isolate import IsolatedPool, limits_for, resolve_batch
 from ..core.models import load_model
 from ..core.records import ImageResult
-from ..core.run import Tally, finish_run, is_committed, new_run_id, plan_run, read_manifest, run_uri
+from ..core.run import (
+    RunSummary,
+    Tally,
+    finish_run,
+    is_committed,
+    new_run_id,
+    plan_run,
+    read_manifest,
+    run_uri,
+)
 from ..core.stages import analyze_batch
+from ..core.worker import analyze, init_worker
 from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require
-from .local_engine import RunSummary, _analyze, _init_worker
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +397,7 @@ class Analyzer:
         # which loads the model instead of the actor: a decoder crash costs one image, not the actor.
         self.pool = None
         if decode.isolate:
-            self.pool = IsolatedPool(1, limits_for(decode, model), _init_worker, (model, decode))
+            self.pool = IsolatedPool(1, limits_for(decode, model), init_worker, (model, decode))
         self.model = None if self.pool else load_model(model)
         self.decode, self.http, self.batch_size = decode, http, batch_size
         self.commit = commit
@@ -408,7 +417,7 @@ class Analyzer:
     def _analyze(self, batch: list[bytes]) -> list[ImageResult]:
         if self.pool is None:
             return analyze_batch(batch, self.model, self.decode)
-        return resolve_batch(self.pool, self.pool.submit(_analyze, batch), _analyze, batch)
+        return resolve_batch(self.pool, self.pool.submit(analyze, batch), analyze, batch)
 
 
 def _commit_or_wait(work: UnitWork, run: str, run_id: str, info: ModelInfo, foreign: dict, budget) -> dict:

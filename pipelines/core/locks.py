@@ -1,29 +1,38 @@
-"""One rebuild at a time: a lock object with an expiry under the index root. (The same lock, under
-another name, keeps erasure sweeps of one index root to one at a time: ``indexing.erase``.)
+"""Locks under an index root: objects with an expiry, taken create-only, on local disk or gs://.
 
-Taking it is a create-only write (an exclusive create locally, an upload with
-``ifGenerationMatch=0`` on gs://), so of two rebuilds exactly one gets it. The holder renews the
+* ``_rebuild.lock``: one rebuild at a time (``pipelines.rebuild``).
+* ``_erase.lock``: one erasure sweep at a time; index builds and rebuilds hold it too, from their
+  scan of the runs to the move of CURRENT, since a sweep rewrites run shards that a build reads by
+  row position (``sweep_lock``).
+
+Taking a lock is a create-only write (an exclusive create locally, an upload with
+``ifGenerationMatch=0`` on gs://), so of two takers exactly one gets it. The holder renews the
 expiry from a background thread by compare-and-swap; a lock whose expiry has passed (or, on the
-same host, whose process is gone) is taken over by compare-and-swap too, so of two rebuilds that
+same host, whose process is gone) is taken over by compare-and-swap too, so of two takers that
 find the same stale lock only one wins. A holder that finds its lock taken over stops before it
-moves CURRENT.
+publishes anything (``check``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import socket
 import threading
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from pipelines.core import storage
-from pipelines.core.errors import FaceauditError, FatalError
+from . import storage
+from .errors import FaceauditError, FatalError
 
 LOCK_NAME = "_rebuild.lock"
 DEFAULT_TTL_S = 3600
+SWEEP_LOCK = "_erase.lock"  # under the index root while a sweep (or a build) runs
+SWEEP_WAIT_S = 900.0  # how long an eraser or a build waits for another sweep to finish
 
 
 class LockHeld(FaceauditError):
@@ -72,8 +81,8 @@ def process_gone(info: LockInfo) -> bool:
     return False
 
 
-class RebuildLock:
-    """``with RebuildLock(index_uri): ...`` holds the lock for the block (or raises LockHeld)."""
+class ExpiringLock:
+    """``with ExpiringLock(index_uri): ...`` holds the lock for the block (or raises LockHeld)."""
 
     def __init__(
         self,
@@ -121,7 +130,7 @@ class RebuildLock:
             raise LockHeld(self._held_message(found))
         self.info, self.token = info, token
         if self.renew:
-            self._thread = threading.Thread(target=self._heartbeat, name="rebuild-lock", daemon=True)
+            self._thread = threading.Thread(target=self._heartbeat, name="index-lock", daemon=True)
             self._thread.start()
         return info
 
@@ -186,7 +195,7 @@ class RebuildLock:
                 storage.remove(self.uri)
             self.info = None
 
-    def __enter__(self) -> RebuildLock:
+    def __enter__(self) -> ExpiringLock:
         self.acquire()
         return self
 
@@ -198,3 +207,25 @@ def read_lock(index: str) -> LockInfo | None:
     """Who holds the lock of ``index`` now, if anyone."""
     found, _ = storage.read_versioned(storage.join(index, LOCK_NAME))
     return parse_lock(found) if found else None
+
+
+@contextlib.contextmanager
+def sweep_lock(root: str, holder: str = "an erasure sweep", wait_s: float = SWEEP_WAIT_S) -> Iterator[None]:
+    """Hold the index root's sweep lock for the block, waiting up to ``wait_s`` for its holder.
+
+    Erasure sweeps take it, and so do index builds and rebuilds from their scan of the runs to
+    the move of CURRENT: a sweep rewrites run shards that a build reads by row position."""
+    lock = ExpiringLock(root, ttl_s=600, name=SWEEP_LOCK, holder=holder)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lock.acquire()
+            break
+        except LockHeld as held:
+            if time.monotonic() >= deadline:
+                raise FatalError(f"{held}; waited {wait_s:g} s, try again later") from None
+            time.sleep(1.0)
+    try:
+        yield
+    finally:
+        lock.release()
