@@ -21,7 +21,8 @@ from pipelines.core import storage
 from pipelines.engines.beam_engine import run_pipeline
 from pipelines.engines.common import require
 
-from .build import BUILD_DIR, ShardResult, ShardTask, build_shard
+from .bundle import BUILD_DIR
+from .shard import ShardResult, ShardTask, build_shard
 
 beam = require("apache_beam", "beam")
 

@@ -16,7 +16,7 @@ import numpy as np
 from pipelines.core.faults import checkpoint, ray_options
 from pipelines.engines.common import require
 
-from .build import ShardResult, ShardTask, build_shard
+from .shard import ShardResult, ShardTask, build_shard
 
 MAX_RETRIES = 3  # a worker that dies (lost node, OOM kill) has its shard re-run this many times
 

@@ -24,6 +24,7 @@ from .errors import IntegrityError
 FORMAT = "faceaudit.index/1"
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+BUILD_DIR = "_build"  # per-build scratch inside the version folder (occurrence spills), removed at the end
 
 
 MAX_CLOCK_SKEW_S = 120

@@ -27,8 +27,10 @@ import pyarrow.parquet as pq
 from pipelines.core import erasure, storage
 from pipelines.core.errors import ConfigError
 
-from . import build, bundle, erase
+from . import bundle, erase
 from .errors import IntegrityError
+from .faiss_io import write_faiss
+from .shard import METADATA_ROW_GROUP
 
 
 @dataclass(slots=True)
@@ -186,14 +188,12 @@ def write_new_shard(staged: str, k: int, old: list[OldShard], lo: int, hi: int) 
     entry: dict = {"shard": k, "ntotal": int(len(all_ids))}
     if index.ntotal != len(all_ids):
         raise IntegrityError(f"shard-{k}.faissindex", f"holds {index.ntotal} vectors for {len(all_ids)} ids")
-    entry.update(build.write_faiss(staged, k, index, on_disk=False))
+    entry.update(write_faiss(staged, k, index, on_disk=False))
     np.save(os.path.join(staged, f"store/ids-{k}.npy"), all_ids[order])
     entry["ids"] = bundle.file_entry(staged, f"store/ids-{k}.npy")
     meta = pa.concat_tables(metas).take(pa.array(order))
     name = f"metadata/part-{k}.parquet"
-    pq.write_table(
-        meta, os.path.join(staged, name), compression="zstd", row_group_size=build.METADATA_ROW_GROUP
-    )
+    pq.write_table(meta, os.path.join(staged, name), compression="zstd", row_group_size=METADATA_ROW_GROUP)
     entry["metadata"] = {
         **bundle.file_entry(staged, name),
         "rows": meta.num_rows,

@@ -3,7 +3,7 @@ the previous version's trained index when the new collection fits it, retraining
 
 "Extending" reuses what is expensive to make: the previous version's trained, empty index (its
 coarse quantizer and PQ codebooks). Every live vector is then added into copies of it by the same
-per-shard function as a full build (``build.build_shard``), because a version also drops faces
+per-shard function as a full build (``shard.build_shard``), because a version also drops faces
 (removed data sets) and rewrites occurrences, which an append-only update could not. It is
 retrained instead when
 
@@ -35,15 +35,18 @@ from pipelines.core.errors import ConfigError
 
 from . import build, bundle, gpu
 from . import runs as runsmod
+from .inputs import Inputs, read_positions, scan_ids, train
+from .options import BuildOptions
 from .params import IndexPlan, choose_plan
 from .runs import Run
+from .shard import ShardRunner, run_local
 
 SHARD_NAME = re.compile(r"^part-(?P<dataset>.+)-(?P<unit>\d{6,})\.parquet$")  # part-<dataset>-<unit>
 
 
 @dataclass(slots=True)
 class VersionOptions:
-    build: build.BuildOptions = field(default_factory=build.BuildOptions)
+    build: BuildOptions = field(default_factory=BuildOptions)
     growth_factor: float = 2.0  # retrain once the collection is this many times the trained size
 
 
@@ -96,9 +99,9 @@ def live_keys(runs: list[Run]) -> np.ndarray:
 
 def scoped_inputs(
     runs: list[Run], model_id: str, erased: erasure.ErasureSet = erasure.EMPTY
-) -> tuple[list[Run], build.Inputs]:
+) -> tuple[list[Run], Inputs]:
     """Scan faces, keep rows whose image is live, and drop runs that then give nothing."""
-    inputs = build.scan_ids(runs, model_id, erased)  # faces an erasure log names never come back
+    inputs = scan_ids(runs, model_id, erased)  # faces an erasure log names never come back
     alive = live_keys(runs)
     keep = [k & np.isin(keys, alive) for k, keys in zip(inputs.keep, inputs.keys, strict=True)]
     kept_runs, shards, masks, keys = [], [], [], []
@@ -111,7 +114,7 @@ def scoped_inputs(
         masks += [keep[i] for i in mine]
         keys += [inputs.keys[i] for i in mine]
     rows = int(sum(len(m) for m in masks))
-    return kept_runs, build.Inputs(shards, masks, keys, rows, inputs.erased)
+    return kept_runs, Inputs(shards, masks, keys, rows, inputs.erased)
 
 
 # ---------------------------------------------------------------- extend or retrain
@@ -156,13 +159,13 @@ def base_template(base: dict, base_folder: str) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def sample(inputs: build.Inputs, opts: build.BuildOptions, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The held-out queries of a build that does not train (same seeded draw as ``build.train``)."""
+def sample(inputs: Inputs, opts: BuildOptions, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out queries of a build that does not train (same seeded draw as ``inputs.train``)."""
     rng = np.random.default_rng(opts.seed)
     n = inputs.unique
     n_queries = min(opts.recall_queries, max(1, n // 10))
     positions = np.sort(rng.permutation(n)[:n_queries])
-    return build.read_positions(inputs, positions, dim)
+    return read_positions(inputs, positions, dim)
 
 
 def build_version(
@@ -172,8 +175,10 @@ def build_version(
     opts: VersionOptions,
     base: dict | None = None,
     base_folder: str | None = None,
+    runner: ShardRunner = run_local,
 ) -> VersionResult:
-    """Write a new version under ``out`` (manifest included) without moving CURRENT."""
+    """Write a new version under ``out`` (manifest included) without moving CURRENT; ``runner``
+    adds the shards (here, or on Ray or Beam: ``runners.shard_runner``)."""
     started = time.time()
     scoped = [restrict(r, live.get(r.run_id, set())) for r in runs]
     model_id, dim = runsmod.check_same_model(scoped)
@@ -198,7 +203,7 @@ def build_version(
         watch = build.Stopwatch()
         with orphans.in_progress(folder):  # a concurrent index build or gc leaves a live rebuild alone
             body = _build_once(
-                folder, scoped, inputs, plan, b, model_id, dim, decision, base, base_folder, watch
+                folder, scoped, inputs, plan, b, model_id, dim, decision, base, base_folder, runner, watch
             )
         attempts.append(
             {"mode": decision.mode, "reason": decision.reason, "recall_at_10": body["recall"]["at_10"]}
@@ -236,14 +241,15 @@ def build_version(
 def _build_once(
     folder: str,
     runs: list[Run],
-    inputs: build.Inputs,
+    inputs: Inputs,
     plan: IndexPlan,
-    opts: build.BuildOptions,
+    opts: BuildOptions,
     model_id: str,
     dim: int,
     decision: Decision,
     base: dict | None,
     base_folder: str | None,
+    runner: ShardRunner,
     watch: build.Stopwatch,
 ) -> dict:
     """One try: the trained index (fresh or the base's), the shards, recall; returns the manifest body."""
@@ -253,25 +259,10 @@ def _build_once(
         queries, query_ids = sample(inputs, opts, dim)
         trained = base_template(base, base_folder)
     else:
-        queries, query_ids, trained = build.train(inputs, plan, opts, use_gpu, dim)
+        queries, query_ids, trained = train(inputs, plan, opts, use_gpu, dim)
     watch.lap("train")
-    bounds = build.shard_bounds(inputs.unique, opts.vectors_per_shard)
-    spills = build.spill_occurrences(runs, inputs, bounds, folder)
-    watch.lap("route_occurrences")
-    tasks = [
-        build.ShardTask(
-            k, folder, build.pieces_for(inputs, lo, hi), spills[k], plan.rerank, opts.on_disk, dim, use_gpu
-        )
-        for k, (lo, hi) in enumerate(bounds)
-    ]
-    results = build.run_local(tasks, trained, queries)
-    watch.lap("add_shards")
-    storage.remove(storage.join(folder, build.BUILD_DIR))
-    shards = [r.entry for r in results]
-    truth = build.merged_top_k(queries, results)
-    report = build.measure_recall(folder, shards, plan, opts, queries, query_ids, truth, model_id, dim)
-    watch.lap("tune_nprobe")
-    return build.manifest_body(runs, inputs, plan, opts, shards, report, model_id, dim)
+    drawn = build.Sample(queries, query_ids, trained)
+    return build.add_shards(folder, runs, inputs, plan, opts, use_gpu, model_id, dim, drawn, runner, watch)
 
 
 def write_manifest(out: str, version: str, body: dict) -> None:

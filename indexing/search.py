@@ -24,6 +24,7 @@ from pipelines.core import erasure, storage
 
 from . import bundle, gpu
 from .errors import QueryError
+from .faiss_io import read_faiss
 from .recall import merge_topk
 
 ROW_GROUP_CACHE = 64
@@ -139,16 +140,6 @@ def drop_erased(scores: np.ndarray, ids: np.ndarray, erased: erasure.ErasureSet,
         out_s[row, : len(keep)] = scores[row, keep]
         out_i[row, : len(keep)] = ids[row, keep]
     return out_s, out_i
-
-
-def read_faiss(path: str, on_disk: bool) -> faiss.Index:
-    """Memory-map where faiss can; on-disk inverted lists are found beside the index file."""
-    if on_disk:
-        return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
-    try:
-        return faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:  # index types without zero-copy support are read into RAM
-        return faiss.read_index(path)
 
 
 class Index:

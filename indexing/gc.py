@@ -1,4 +1,4 @@
-"""``faceaudit gc``: delete what crashed runs and index builds left behind (it holds biometric data).
+"""Crash debris: what crashed runs and index builds left behind (it holds biometric data).
 
 Under an ``<out>`` root (its ``runs/``), a run folder or an index root, local or ``gs://``:
 
@@ -19,18 +19,11 @@ the next build over the same index (runs clean up in ``plan_run``).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import re
 import time
-from collections.abc import Iterator
-from typing import Annotated
 
-import typer
-
-from .core import storage
-from .core.orphans import (
+from pipelines.core import storage
+from pipelines.core.orphans import (
     ALIVE,
     BUILD_LOCK,
     DEAD,
@@ -43,7 +36,9 @@ from .core.orphans import (
     run_orphans,
     writer_state,
 )
-from .core.writer import RUN_MANIFEST
+from pipelines.core.writer import RUN_MANIFEST
+
+from . import bundle
 
 DEFAULT_OLDER_THAN = "6h"
 VERSION = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")  # indexing.bundle.new_version's names
@@ -97,8 +92,6 @@ def index_orphans(
 def _version_orphans(
     folder: str, name: str, entries: list[Entry], current: str | None, older_than_s: float, now: float
 ) -> list[Orphan]:
-    from indexing import bundle  # here: indexing imports this module for clean_unpublished
-
     inside = {e.rel[len(name) + 1 :]: e for e in entries}
     if bundle.MANIFEST in inside:
         try:
@@ -142,50 +135,9 @@ def clean_unpublished(out: str) -> None:
         return
     older_than = parse_duration(DEFAULT_OLDER_THAN)
     if storage.is_local(out):
-        with _root_lock(out):  # CURRENT's temporary file is written under this lock
+        # CURRENT's temporary file is written under this lock
+        with storage.folder_lock(storage.url_to_fs(out)[1]):
             found = index_orphans(out, older_than, next_build=True)
     else:
         found = index_orphans(out, older_than)
     delete(found)
-
-
-@contextlib.contextmanager
-def _root_lock(folder: str) -> Iterator[None]:
-    """The folder lock ``storage.write_if_unchanged`` takes while it writes CURRENT."""
-    fd = os.open(storage.url_to_fs(folder)[1], os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------- the command
-
-
-def gc(
-    uri: Annotated[str, typer.Argument(help="an <out> root, a run folder or an index root (local or gs://)")],
-    older_than: Annotated[
-        str,
-        typer.Option(
-            help="leave alone whatever changed more recently (30m, 6h, 2d; 0: nothing is in progress)"
-        ),
-    ] = DEFAULT_OLDER_THAN,
-    dry_run: Annotated[bool, typer.Option(help="list what would be deleted; delete nothing")] = False,
-) -> None:
-    """Delete temporary files, shards no manifest lists, abandoned runs and unpublished index builds.
-
-    Never deletes what a committed manifest lists, a manifest, or the version CURRENT names. Prints
-    each path and its size, never its contents."""
-    try:
-        seconds = parse_duration(older_than)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    found = find_orphans(uri, seconds)
-    if not dry_run:
-        delete(found)
-    verb = "would delete" if dry_run else "deleted"
-    for orphan in found:
-        typer.echo(f"{verb} {orphan.uri} ({orphan.bytes} bytes): {orphan.why}")
-    total = sum(o.bytes for o in found)
-    typer.echo(f"{verb} {len(found)} file(s), {total} bytes, under {uri}")
