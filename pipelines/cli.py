@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .core.config import DatasetSpec, JobConfig, load_job, validate_job
-from .core.errors import FaceauditError, FatalError
+from .core.errors import FaceauditError
 
 app = typer.Typer(
     help="faceaudit: find out whether a face is in openly shared face data sets.",
@@ -106,19 +106,9 @@ def ingest(
 
 
 def _run(job: JobConfig, beam_args: list[str]):
-    if beam_args and job.engine != "beam":
-        raise FatalError(f"unknown arguments {beam_args} (pipeline options are for --engine beam)")
-    if job.engine == "ray":
-        from .engines import ray_engine
+    from .engines import run_job  # the engine's adapter loads only when chosen
 
-        return ray_engine.run_job(job)
-    if job.engine == "beam":
-        from .engines import beam_engine
-
-        return beam_engine.run_job(job, beam_args)
-    from .engines.local_engine import run_job
-
-    return run_job(job)
+    return run_job(job, beam_args)
 
 
 class _fatal_errors:
@@ -178,7 +168,7 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 def _mount_indexing() -> None:
-    from indexing.cli import index_app, search
+    from .commands.index import index_app, search
 
     app.add_typer(index_app, name="index")
     app.command("search")(search)
@@ -197,7 +187,7 @@ _mount_rebuild()
 
 
 def _mount_gc() -> None:
-    from .garbage import gc
+    from .commands.gc import gc
 
     app.command("gc")(gc)
 
@@ -206,7 +196,7 @@ _mount_gc()
 
 
 def _mount_erase() -> None:
-    from indexing.erase_cli import erase_command
+    from .commands.erase import erase_command
 
     app.command("erase")(erase_command)
 

@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _index_and_search(run: str, work: Path, variants: Path) -> None:
     """Build an index of the run and look for the people of two altered photos in it."""
-    from indexing import open_index
-    from indexing.build import build_index
-    from indexing.cli import info_lines, print_report, search_photos
+    from indexing import build_index, open_index
+
+    from .commands.index import info_lines, print_report, search_report
 
     result = build_index([run], str(work / "index"))
     print("\nindex " + result.folder)
@@ -87,7 +87,7 @@ def _index_and_search(run: str, work: Path, variants: Path) -> None:
         print("  " + line)
     queries = [variants / "t1-mirror.jpg", variants / "Tom_Hanks_54745-crop.jpg"]
     print(f"\nsearch: {', '.join(q.name for q in queries)}")
-    print_report(search_photos(open_index(str(work / "index")), queries, k=10, threshold=None, nprobe=None))
+    print_report(search_report(open_index(str(work / "index")), queries, k=10, threshold=None, nprobe=None))
 
 
 if __name__ == "__main__":

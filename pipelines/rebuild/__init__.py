@@ -1,2 +1,3 @@
-"""Keeping the index current: registry fingerprints, the delta plan, the rebuild lock, the rebuild
-driver, garbage collection of old versions and run reports (``faceaudit rebuild``; docs/operations.md)."""
+"""Keeping the index current (``faceaudit rebuild``; docs/operations.md): registry fingerprints,
+the delta plan, the rebuild driver and its reports. The rebuild lock is ``pipelines.core.locks``;
+old versions are pruned by ``indexing.prune``."""

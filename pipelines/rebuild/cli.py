@@ -5,21 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from pipelines.commands.common import fail as _fail
+from pipelines.commands.common import out
 from pipelines.core.errors import ConfigError, FaceauditError
+from pipelines.core.locks import LockHeld
 
-from .lock import LockHeld
-
-out = Console()
-err = Console(stderr=True)
-EXIT_FAILED = 1
 EXIT_LOCKED = 3  # another rebuild holds the lock: a scheduler may simply try again later
-
-
-def _fail(exc: Exception, code: int = EXIT_FAILED) -> None:
-    err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def rebuild(
@@ -160,13 +152,12 @@ def prune(
 ) -> None:
     """Keep the last N index versions; delete older ones, versions never made CURRENT, unneeded runs."""
     from indexing import bundle
+    from indexing import prune as gcmod
     from pipelines.core import storage
-
-    from . import gc as gcmod
-    from .lock import RebuildLock
+    from pipelines.core.locks import ExpiringLock
 
     try:
-        with RebuildLock(index):
+        with ExpiringLock(index):
             current_uri = storage.join(index, bundle.CURRENT)
             current = storage.read_text(current_uri).strip() if storage.exists(current_uri) else None
             result = gcmod.collect(index, work, keep_versions, grace_s, current)

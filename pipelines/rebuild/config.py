@@ -8,29 +8,21 @@ from typing import Literal
 import yaml
 from pydantic import Field
 
+from indexing.options import BuildOptions
 from pipelines.core.config import BeamConfig, DecodeConfig, HttpConfig, ModelConfig, RayConfig, Strict
 from pipelines.core.errors import ConfigError
 
 
-class IndexSettings(Strict):
-    """How index versions are built (the ``faceaudit index build`` flags of the same names)."""
+class IndexSettings(BuildOptions):
+    """How index versions are built: ``faceaudit index build``'s options (same names and defaults),
+    and two that only a rebuild has."""
 
-    max_bytes_per_vector: int | None = Field(
-        None, description="RAM per vector, codes plus 8-byte id (None: no budget)"
-    )
-    target_recall: float = Field(0.95, gt=0, le=1, description="recall@10 the tuned nprobe must reach")
     min_recall: float | None = Field(
         None,
         ge=0,
         le=1,
         description="a version below this recall@10 never becomes CURRENT (default: target_recall)",
     )
-    vectors_per_shard: int = Field(1_000_000, ge=1, description="vectors per FAISS shard")
-    recall_queries: int = Field(1000, ge=1, description="held-out queries for the recall measurement")
-    flat_max: int = Field(20_000, ge=0, description="exact search up to this many vectors")
-    nlist: int | None = Field(None, ge=1, description="inverted lists (default: about 4*sqrt(n))")
-    on_disk: bool = Field(False, description="inverted lists in memory-mapped .ivfdata files")
-    seed: int = 1234
     growth_factor: float = Field(
         2.0,
         ge=1,

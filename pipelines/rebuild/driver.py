@@ -25,25 +25,27 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from indexing import bundle, erase
+from indexing import bundle, erase, prune
 from indexing import runs as runsmod
-from indexing.build import BuildOptions
 from indexing.erase import read_bundle_manifest
 from indexing.errors import IntegrityError
 from indexing.extend import VersionOptions, VersionResult, build_version, discard, write_manifest
+from indexing.options import BuildOptions
+from indexing.runners import shard_runner
 from indexing.search import open_index
 from pipelines.core import erasure, orphans, storage
 from pipelines.core.config import DatasetSpec, JobConfig, ModelConfig, load_registry
 from pipelines.core.errors import ConfigError, FaceauditError, FatalError
 from pipelines.core.faults import checkpoint
+from pipelines.core.locks import ExpiringLock, sweep_lock
 from pipelines.core.records import ImageResult
 from pipelines.core.stages import result_from_image_row
 from pipelines.core.writer import is_committed
+from pipelines.engines import run_job
 
-from . import gc, report
+from . import report
 from .config import RebuildConfig
 from .fingerprint import fingerprint
-from .lock import RebuildLock
 from .plan import Delta, Source, current_sources, live_pairs, plan_delta, record_sources
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class Rebuild:
     analyzed: int | None = None
     sources: dict[str, Source] = field(default_factory=dict)
     version: VersionResult | None = None
-    gc: gc.GcResult | None = None
+    gc: prune.GcResult | None = None
     status: str = "running"
     steps: dict[str, float] = field(default_factory=dict)
     report_uri: str | None = None
@@ -76,7 +78,7 @@ class Rebuild:
 def rebuild(config: RebuildConfig) -> Rebuild:
     """Run every step under the lock; raises LockHeld when another rebuild holds it."""
     state = Rebuild(config)
-    with RebuildLock(config.index, config.lock_ttl_s) as lock:
+    with ExpiringLock(config.index, config.lock_ttl_s) as lock:
         checkpoint("rebuild.locked")
         pause_point("rebuild.locked")
         try:
@@ -89,7 +91,7 @@ def rebuild(config: RebuildConfig) -> Rebuild:
     return state
 
 
-def run_steps(state: Rebuild, lock: RebuildLock) -> None:
+def run_steps(state: Rebuild, lock: ExpiringLock) -> None:
     _step(state, "read_current", read_current)
     _step(state, "plan", plan)
     assert state.delta is not None
@@ -99,7 +101,7 @@ def run_steps(state: Rebuild, lock: RebuildLock) -> None:
         _step(state, "ingest", ingest)
         if state.status == "running":  # else a launched ingest job is still to finish
             # erasure sweeps wait meanwhile: they rewrite the run shards the build reads
-            with erase.sweep_lock(state.config.index, holder="a rebuild's index build"):
+            with sweep_lock(state.config.index, holder="a rebuild's index build"):
                 _step(state, "build", build)
                 _step(state, "check", check)
                 lock.check()
@@ -241,24 +243,14 @@ def rebuild_run_id(state: Rebuild) -> str:
         "images_per_shard": state.config.images_per_shard,
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    return f"{gc.REBUILD_RUN_PREFIX}{digest[:16]}"
+    return f"{prune.REBUILD_RUN_PREFIX}{digest[:16]}"
 
 
 def run_ingest(state: Rebuild, job: JobConfig):
     """Ingest the delta on the configured engine; images the current version already embedded
     with this model are not decoded or embedded again, on any engine."""
     known, runs = known_images(state)
-    if job.engine == "ray":
-        from pipelines.engines import ray_engine
-
-        return ray_engine.run_job(job, known, runs)
-    if job.engine == "beam":
-        from pipelines.engines import beam_engine
-
-        return beam_engine.run_job(job, (), known, runs)  # pipeline options: job.beam.options
-    from pipelines.engines.local_engine import run_job
-
-    return run_job(job, known, runs)
+    return run_job(job, (), known, runs)  # Beam's pipeline options: job.beam.options
 
 
 def current_runs(state: Rebuild) -> list[runsmod.Run]:
@@ -316,8 +308,9 @@ def build(state: Rebuild) -> None:
     # every index setting but these two is a BuildOptions field of the same name
     build_opts = BuildOptions(**s.model_dump(exclude={"min_recall", "growth_factor"}))
     opts = VersionOptions(build_opts, growth_factor=s.growth_factor)
+    runner = shard_runner(cfg.engine, cfg.ray.address, cfg.beam.options if cfg.engine == "beam" else ())
     result = build_version(
-        runs, live_pairs(state.sources), cfg.index, opts, state.current, state.current_folder
+        runs, live_pairs(state.sources), cfg.index, opts, state.current, state.current_folder, runner
     )
     for entry in result.manifest["datasets"]:
         entry["fingerprint"] = state.sources[entry["name"]].fingerprint
@@ -384,7 +377,7 @@ def collect_garbage(state: Rebuild) -> None:
         else None
     )
     protect = {state.run_uri.rsplit("/", 1)[-1]} if state.run_uri else set()
-    state.gc = gc.collect(
+    state.gc = prune.collect(
         cfg.index, cfg.work, cfg.keep_versions, cfg.gc_grace_s, current, protect_runs=protect
     )
 
