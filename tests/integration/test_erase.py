@@ -257,8 +257,8 @@ def test_erasure_sweeps_of_one_index_take_turns(work):
     import threading
     import time
 
-    from indexing.erase import sweep_lock
     from pipelines.core.errors import FatalError
+    from pipelines.core.locks import sweep_lock
 
     held, order = threading.Event(), []
 

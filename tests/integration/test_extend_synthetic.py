@@ -9,8 +9,8 @@ import pytest
 
 from indexing import open_index
 from indexing import runs as runsmod
-from indexing.build import BuildOptions
 from indexing.extend import VersionOptions, build_version, write_manifest
+from indexing.options import BuildOptions
 from indexing.synthetic import clustered, write_run
 
 DIM = 32

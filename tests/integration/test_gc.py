@@ -18,10 +18,10 @@ import pytest
 from typer.testing import CliRunner
 
 from indexing import build_index, bundle, open_index, synthetic
+from indexing.gc import parse_duration
 from pipelines.cli import app
 from pipelines.core import storage
 from pipelines.core.orphans import in_progress
-from pipelines.garbage import parse_duration
 from tests.gcs_emulator import gcs_emulator  # noqa: F401
 
 DIM = 16

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from indexing import build_index, open_index
-from indexing.cli import search_photos
+from pipelines.commands.index import search_report as search_photos
 from tests.helpers import largest_face_embeddings
 
 # README, "calibrated on master.csv": false-match rate 0.000 at the shipped threshold.
@@ -64,7 +64,7 @@ def test_search_command_json(faces_index, faces_dir):
     import typer
     from typer.testing import CliRunner
 
-    from indexing.cli import search
+    from pipelines.commands.index import search
 
     app = typer.Typer()
     app.command("search")(search)  # as pipelines/cli.py registers it

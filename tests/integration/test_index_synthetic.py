@@ -172,7 +172,7 @@ def test_uncommitted_run_is_not_read(tmp_path):
 
 
 def test_cli_build_info_and_current(runs, tmp_path):
-    from indexing.cli import index_app
+    from pipelines.commands.index import index_app
 
     cli = CliRunner()
     run_a, run_b = str(runs / "runs" / "run-a"), str(runs / "runs" / "run-b")

@@ -37,7 +37,7 @@ PHOTOS = 8
 
 # Local and index build: every point. Units commit faces, then images (write_atomic: temporary
 # file, then rename): on the local engine the 3rd write is the second unit's faces shard and the
-# 7th the run manifest; in the index build the 1st is the sweep lock (indexing.erase.sweep_lock),
+# 7th the run manifest; in the index build the 1st is the sweep lock (pipelines.core.locks.sweep_lock),
 # the 2nd the manifest and the 3rd CURRENT.
 LOCAL_POINTS = [
     "analyze.batch:2",  # the driver, while a worker decodes

@@ -25,9 +25,9 @@ from indexing import open_index
 from pipelines.cli import app
 from pipelines.core import storage
 from pipelines.core.config import DecodeConfig
+from pipelines.core.locks import LOCK_NAME
 from pipelines.rebuild.config import RebuildConfig
 from pipelines.rebuild.driver import rebuild
-from pipelines.rebuild.lock import LOCK_NAME
 from tests.gcs_emulator import gcs_emulator  # noqa: F401 - the session's fake-gcs-server
 from tests.helpers import read_table, write_small_copies
 
@@ -370,7 +370,8 @@ def test_export_and_verify_on_gcs(tmp_path, base, gcs_bucket):
 
 
 def test_lock_on_gcs(gcs_bucket):
-    from pipelines.rebuild.lock import LockHeld, RebuildLock
+    from pipelines.core.locks import ExpiringLock as RebuildLock
+    from pipelines.core.locks import LockHeld
 
     index = storage.join(gcs_bucket, "index")
     first = RebuildLock(index, ttl_s=60, renew=False)

@@ -74,7 +74,7 @@ def test_manifest_seal_catches_any_change():
 def test_occurrences_fall_back_to_the_faces_row():
     import pyarrow as pa
 
-    from indexing.build import occurrence_lists
+    from indexing.occurrences import occurrence_lists
 
     meta = pa.table(
         {"image_sha256": ["b", "a", "c"], "dataset": ["d1", "d1", "d2"], "source_uri": ["u-b", "u-a", "u-c"]}

@@ -14,13 +14,15 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
+from indexing import prune as gc
 from indexing.export import split_points
 from indexing.extend import Decision, decide, shard_dataset
 from indexing.params import choose_plan
 from pipelines.core.config import DatasetSpec
-from pipelines.rebuild import gc, svg
+from pipelines.core.locks import LOCK_NAME, LockHeld, read_lock
+from pipelines.core.locks import ExpiringLock as RebuildLock
+from pipelines.rebuild import svg
 from pipelines.rebuild.fingerprint import fingerprint
-from pipelines.rebuild.lock import LOCK_NAME, LockHeld, RebuildLock, read_lock
 from pipelines.rebuild.plan import Source, current_sources, live_pairs, plan_delta, record_sources
 
 
@@ -194,7 +196,7 @@ def test_local_lock_is_exclusive_and_released(tmp_path):
 def test_a_dead_holders_lock_is_taken_over(tmp_path):
     index = tmp_path / "index"
     code = (
-        "import sys; from pipelines.rebuild.lock import RebuildLock; "
+        "import sys; from pipelines.core.locks import ExpiringLock as RebuildLock; "
         "RebuildLock(sys.argv[1], ttl_s=3600, renew=False).acquire()"
     )  # exits without releasing
     subprocess.run([sys.executable, "-c", code, str(index)], check=True)
