@@ -1,10 +1,11 @@
-"""Calibrate a model's match threshold on the verification pairs of ../shared/data/faces.
+"""Calibrate a model's match threshold on the verification pairs of the test photos.
 
     .venv/bin/python bench/calibrate.py [--run RUN_FOLDER] [--pairs master.csv]
 
-Without --run it first ingests the shared photos with the default dlib settings. It prints the
-accuracy-maximising cosine-similarity threshold (the middle of the best interval) and, at the
-threshold the code ships with, the accuracy, false-match rate (FMR) and false-non-match rate (FNMR).
+The photos and pairs are those of tests/data/faces, or of the folder in $FACEAUDIT_FACES. Without
+--run it first ingests the photos with the default dlib settings. It prints the accuracy-maximising
+cosine-similarity threshold (the middle of the best interval) and, at the threshold the code ships
+with, the accuracy, false-match rate (FMR) and false-non-match rate (FNMR).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import photos  # noqa: E402  (bench/photos.py, beside this script)
+
 from pipelines.core.config import DatasetSpec, JobConfig  # noqa: E402
 from pipelines.core.models.dlib_backend import DLIB_MATCH_THRESHOLD  # noqa: E402
 from tests.helpers import largest_face_embeddings  # noqa: E402
 
-FACES = REPO.parent / "shared" / "data" / "faces"
+PAIRS = ("master.csv", "face-recognition-pivot.csv")  # in the photo folder
 
 
 def load_pairs(path: Path) -> list[tuple[str, str, bool]]:
@@ -58,11 +61,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run", help="an ingest run folder over the shared photos")
-    parser.add_argument(
-        "--pairs", nargs="*", default=[str(FACES / "master.csv"), str(FACES / "face-recognition-pivot.csv")]
-    )
+    parser.add_argument("--run", help="an ingest run folder over the test photos")
+    parser.add_argument("--pairs", nargs="*", help=f"pair files (default: {', '.join(PAIRS)} of the photos)")
     args = parser.parse_args()
+    if args.pairs is None:
+        args.pairs = [str(photos.faces_dir() / name) for name in PAIRS]
+    missing = [name for name in args.pairs if not Path(name).is_file()]
+    if missing:
+        print(f"pair file(s) missing: {', '.join(missing)}", file=sys.stderr)
+        raise SystemExit(2)
     run = args.run or _ingest()
     emb = largest_face_embeddings(run)
     every: list[tuple[str, str, bool]] = []
@@ -88,7 +95,8 @@ def _ingest() -> str:
     from pipelines.engines.local_engine import run_job
 
     out = tempfile.mkdtemp(prefix="faceaudit-calibrate-")
-    job = JobConfig(datasets=[DatasetSpec(name="deepface", source=str(FACES))], out=out, progress=False)
+    source = str(photos.faces_dir())
+    job = JobConfig(datasets=[DatasetSpec(name="deepface", source=source)], out=out, progress=False)
     return run_job(job).uri
 
 

@@ -2,14 +2,15 @@
 
     .venv/bin/python bench/engines.py [--copies 5] [--cpus 2] [--images-per-shard 16] [--rounds 1]
 
-The shared photos are replicated (re-encoded, so every copy is new bytes) to --copies x 64 images
-in .bench/engines-photos-<copies>. Each engine runs the same job in a fresh process with --cpus
-worker CPUs (local: worker processes; Ray: a local Ray with that many CPUs, one model actor per
-CPU; Beam: the DirectRunner with that many worker processes) and prints images/s and its ratio to
-the local engine. Ray is also run with 1 actor on the same Ray instance, for its scaling from 1
-to --cpus worker CPUs. Times are wall clock from run_job's start to the committed manifest
-(Ray's start-up, about 2 s, is not counted: a cluster is up before a job is sent). Ray's workers
-run at nice 0 here, like the other engines' (Ray's default is 15).
+The test photos (tests/data/faces, or the folder in $FACEAUDIT_FACES) are replicated (re-encoded,
+so every copy is new bytes) to --copies x 64 images in .bench/engines-photos-<copies>. Each engine
+runs the same job in a fresh process with --cpus worker CPUs (local: worker processes; Ray: a local
+Ray with that many CPUs, one model actor per CPU; Beam: the DirectRunner with that many worker
+processes) and prints images/s and its ratio to the local engine. Ray is also run with 1 actor on
+the same Ray instance, for its scaling from 1 to --cpus worker CPUs. Times are wall clock from
+run_job's start to the committed manifest (Ray's start-up, about 2 s, is not counted: a cluster is
+up before a job is sent). Ray's workers run at nice 0 here, like the other engines' (Ray's default
+is 15).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import photos  # noqa: E402  (bench/photos.py, beside this script)
 
 from pipelines.core.config import DatasetSpec, JobConfig  # noqa: E402
 
-FACES = REPO.parent / "shared" / "data" / "faces"
 WORK = REPO / ".bench" / "engines"
 
 
@@ -173,18 +173,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--copies", type=int, default=5, help="copies of each of the 64 photos")
+    parser.add_argument("--copies", type=int, default=5, help="copies of each photo (at least 1)")
     parser.add_argument("--cpus", type=int, default=2, help="worker CPUs of every engine")
     parser.add_argument("--images-per-shard", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1, help="runs of every engine; the best is kept")
     parser.add_argument("--child", choices=MEASUREMENTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.copies < 1:
+        parser.error("--copies must be at least 1")
     if args.child:
         child(args)
         return
-    photos = replicate(args.copies)
+    photos = replicate(args.copies)  # exits (status 2) when there are no photos
     n = len(list(photos.glob("*.jpg")))
-    print(f"{n} images ({args.copies} re-encoded copies of the 64 shared photos), {args.cpus} worker CPUs,")
+    originals = n // args.copies
+    print(f"{n} images ({args.copies} re-encoded copies of {originals} photos), {args.cpus} worker CPUs,")
     print(f"{args.images_per_shard} images per unit; this machine has {os.cpu_count()} cores\n")
     load = os.getloadavg()[0]
     # Rounds alternate the engines, so a burst of load from elsewhere hits them all alike.

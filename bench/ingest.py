@@ -1,9 +1,10 @@
-"""Ingest throughput on the shared photos, against baselines run in the same command.
+"""Ingest throughput on the test photos, against baselines run in the same command.
 
     .venv/bin/python bench/ingest.py [--copies 5] [--naive 24] [--sweep] [--isolation]
 
-The shared photos are replicated (re-encoded, so every copy is new bytes) to --copies x 64
-images in .bench/ingest-photos. Printed, as images/s, faces/s and ratios:
+The test photos (tests/data/faces, or the folder in $FACEAUDIT_FACES) are replicated (re-encoded,
+so every copy is new bytes) to --copies x 64 images in .bench/ingest-photos-<copies>. Printed, as
+images/s, faces/s and ratios:
 
 * engine: the local engine with its default settings (all cores);
 * (a) careful loop: one process, the same models and settings (decode, downscale for detection,
@@ -12,7 +13,7 @@ images in .bench/ingest-photos. Printed, as images/s, faces/s and ratios:
   upsample, 5-point landmarks, descriptor; run on the first --naive images only (it is slow);
 * bare models: detection and embedding alone over pre-decoded images, to show where time goes.
 
---sweep also tries detection sizes and reports which find a face in all 64 shared photos.
+--sweep also tries detection sizes and reports which find a face in every one of the test photos.
 --isolation only runs the engine with isolated decoding and without, alternately, twice each.
 """
 
@@ -37,8 +38,6 @@ from pipelines.core.config import DatasetSpec, DecodeConfig, JobConfig, ModelCon
 from pipelines.core.decode import decode_image, downscale  # noqa: E402
 from pipelines.core.models import load_model  # noqa: E402
 from pipelines.core.stages import analyze_bytes  # noqa: E402
-
-FACES = REPO.parent / "shared" / "data" / "faces"
 
 
 def replicate(copies: int) -> Path:
@@ -136,9 +135,9 @@ def compare_isolation(folder: Path) -> None:
 
 
 def sweep(config: ModelConfig) -> None:
-    originals = sorted(FACES.glob("*.jpg"))
+    originals = sorted(photos.faces_dir().glob("*.jpg"))
     datas = [p.read_bytes() for p in originals]
-    print("\ndetection size sweep on the 64 shared photos (one process):")
+    print(f"\ndetection size sweep on the {len(datas)} test photos (one process):")
     for side in (480, 640, 800, 1024, 1280):
         for upsample in (0, 1):
             cfg = config.model_copy(update={"detect_max_side": side, "upsample": upsample})
@@ -158,7 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--copies", type=int, default=5, help="copies of each of the 64 photos")
+    parser.add_argument("--copies", type=int, default=5, help="copies of each photo (at least 1)")
     parser.add_argument("--naive", type=int, default=24, help="images for the slow naive loop")
     parser.add_argument("--sweep", action="store_true", help="also sweep detection sizes")
     parser.add_argument(
@@ -167,6 +166,8 @@ def main() -> None:
         help="only compare the engine with isolated decoding (the default) and without, alternately",
     )
     args = parser.parse_args()
+    if args.copies < 1:
+        parser.error("--copies must be at least 1")
     config = ModelConfig()
     folder = replicate(args.copies)
     paths = sorted(folder.glob("*.jpg"))

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real photos in ../shared/data/faces, and one real ingest run of them."""
+"""Shared fixtures: the real photos in tests/data/faces, and one real ingest run of them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FACES_DIR = Path(os.environ.get("FACEAUDIT_FACES", REPO.parent / "shared" / "data" / "faces"))
+FACES_DIR = Path(os.environ.get("FACEAUDIT_FACES", REPO / "tests" / "data" / "faces"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,7 +29,7 @@ def _has_gpu() -> bool:
 @pytest.fixture(scope="session")
 def faces_dir() -> Path:
     if not FACES_DIR.is_dir():
-        pytest.fail(f"the shared test photos are missing: {FACES_DIR}")
+        pytest.fail(f"the test photos are missing: {FACES_DIR}")
     return FACES_DIR
 
 
