@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 # bench/gpu_nets.py, beside this script
 from gpu_nets import TorchRunner, count_gmacs, export_onnx, torch_networks  # noqa: E402
 
-PHOTOS = REPO.parent / "shared" / "data" / "faces"
+PHOTOS = REPO / "tests" / "data" / "faces"  # the project's own test photos; --photos overrides
 NEEDED = ("numpy", "cv2", "PIL", "pydantic", "yaml", "fsspec", "onnx", "onnxruntime")
 
 

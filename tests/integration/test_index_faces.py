@@ -1,4 +1,4 @@
-"""The index on real photos: ingest ../shared/data/faces once (conftest's faces_run), build, search."""
+"""The index on real photos: ingest tests/data/faces once (conftest's faces_run), build, search."""
 
 from __future__ import annotations
 
