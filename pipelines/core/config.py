@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -36,6 +37,10 @@ class DatasetSpec(Strict):
     license: str = Field("unknown", description="what is known of its licence")
     description: str = ""
     removed: bool = Field(False, description="true: drop it from the next index version")
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="folders or gs:// prefixes outside its own folder that its URI list may name",
+    )
 
     @field_validator("name")
     @classmethod
@@ -104,10 +109,25 @@ class ModelConfig(Strict):
 
 
 class HttpConfig(Strict):
-    timeout_s: float = Field(20.0, gt=0, description="connect and read timeout of one request")
+    timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="deadline of one attempt: connecting, the headers, redirects and the whole body",
+    )
     retries: int = Field(3, ge=0, description="retries of a failed request (with backoff)")
     per_host: int = Field(4, ge=1, description="concurrent requests to one host")
     max_bytes: int = Field(64 << 20, gt=0, description="refuse a response larger than this")
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of internal networks that may be fetched (e.g. a mirror); default: none",
+    )
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad one
+        return v
 
 
 class DecodeConfig(Strict):
@@ -180,6 +200,19 @@ class JobConfig(Strict):
     )
     ray: RayConfig = Field(default_factory=lambda: RayConfig(), description="the Ray engine's resources")
     beam: BeamConfig = Field(default_factory=lambda: BeamConfig(), description="the Beam engine's options")
+    allowed_roots: list[str] = Field(
+        default_factory=list,
+        description="folders or gs:// prefixes every data set's URI list may name besides its own folder",
+    )
+
+    @model_validator(mode="after")
+    def _share_roots(self) -> JobConfig:
+        for spec in self.datasets:
+            spec.allowed_roots = [
+                *spec.allowed_roots,
+                *(r for r in self.allowed_roots if r not in spec.allowed_roots),
+            ]
+        return self
 
 
 def load_registry(folder: str | os.PathLike[str]) -> dict[str, DatasetSpec]:

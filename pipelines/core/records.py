@@ -22,6 +22,9 @@ class WorkUnit:
     kind: str  # "folder" | "tar" | "urilist"
     index: int
     items: tuple[str, ...]
+    # where its items may be (``roots.allowed``): the source folder, or a list's folder and the
+    # job's allowed roots; () for units made by hand, which are not checked
+    roots: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def key(self) -> str:

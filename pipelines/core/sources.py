@@ -12,6 +12,12 @@ A source (``DatasetSpec.source``) is one of:
   first line is already an entry has no header). Relative entries resolve against the list's
   folder; http(s) entries are fetched over HTTP.
 
+Every item stays inside its data set (``roots``): a list entry outside the list's folder and the
+allowed roots, and a file whose real path (symlinks resolved) leaves the folder, become error rows
+with one reason, and nothing is opened for them. Local files are opened without blocking and read
+only when they are regular files, at most ``max_bytes`` of them under a deadline: a device, a FIFO
+or a socket is an error row, never a hang.
+
 Loose files and list entries are chunked into units of ``unit_size`` items in listing order
 (kinds "folder" and "urilist"); each tar is one unit of kind "tar" (a WebDataset shard), however
 many members it has, because a tar can only be read from its start. The same listing always gives
@@ -26,7 +32,9 @@ import gzip
 import logging
 import os
 import posixpath
+import stat
 import tarfile
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -40,12 +48,13 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from . import storage
+from . import roots, storage
 from .config import DatasetSpec, HttpConfig
 from .errors import ConfigError, FatalError, RecordError
 from .formats import HEADER_BYTES, IMAGE_SUFFIXES, looks_like_image
 from .records import RawImage, WorkUnit
-from .sources_http import HttpFetcher, is_http
+from .roots import is_http
+from .sources_http import HttpFetcher
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +62,10 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LIST_SUFFIXES = (".txt", ".csv", ".parquet")
 LIST_COLUMNS = ("url", "uri", "path", "source_uri")  # in order of preference
 GLOB_CHARS = "*?["
+READ_CHUNK = 1 << 20
 READ_THREADS = 16  # concurrent reads within one unit (HTTP is further limited per host)
 SNIFF_THREADS = 16  # concurrent 16-byte reads while planning a folder of unnamed files
+SNIFF_DEADLINE_S = 10.0
 # Errors that mean an archive (or the rest of it) cannot be read.
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 
@@ -71,34 +82,51 @@ def plan_units(spec: DatasetSpec, unit_size: int) -> list[WorkUnit]:
     if not storage.exists(source):
         # A path that exists is taken as it is, even with "[" in a folder's name.
         if any(c in source for c in GLOB_CHARS):
-            return _plan_files(spec.name, source, _glob(source), unit_size)
+            files = _glob(source)
+            return _plan_files(spec.name, source, files, unit_size, (_glob_root(source),))
         raise ConfigError(f"data set {spec.name!r}: source {source} does not exist")
     if _is_dir(source):
-        return _plan_files(spec.name, source, _walk(source), unit_size)
+        return _plan_files(spec.name, source, _walk(source), unit_size, (source,))
     if lower.endswith(TAR_SUFFIXES):
-        return [WorkUnit(spec.name, source, "tar", 0, (source,))]
+        return [WorkUnit(spec.name, source, "tar", 0, (source,), (source,))]
     if lower.endswith(LIST_SUFFIXES):
-        return _chunk(spec.name, source, "urilist", _read_list(source), unit_size)
+        allowed = (_parent(source), *(_normalize(r) for r in spec.allowed_roots))
+        return _chunk(spec.name, source, "urilist", _read_list(source), unit_size, allowed)
     raise ConfigError(
         f"data set {spec.name!r}: source {source} is not a folder, a glob, a tar archive "
         f"({', '.join(TAR_SUFFIXES)}) or a URI list ({', '.join(LIST_SUFFIXES)})"
     )
 
 
-def _plan_files(dataset: str, source: str, files: list[str], unit_size: int) -> list[WorkUnit]:
+def _plan_files(
+    dataset: str, source: str, files: list[str], unit_size: int, inside: tuple[str, ...]
+) -> list[WorkUnit]:
     tars = [f for f in files if f.lower().endswith(TAR_SUFFIXES)]
-    images = _keep_images([f for f in files if not f.lower().endswith(TAR_SUFFIXES)])
-    units = _chunk(dataset, source, "folder", images, unit_size)
-    return units + _chunk(dataset, source, "tar", tars, 1, start=len(units))
+    images = _keep_images([f for f in files if not f.lower().endswith(TAR_SUFFIXES)], inside)
+    units = _chunk(dataset, source, "folder", images, unit_size, inside)
+    return units + _chunk(dataset, source, "tar", tars, 1, inside, start=len(units))
 
 
 def _chunk(
-    dataset: str, source: str, kind: str, items: Sequence[str], size: int, start: int = 0
+    dataset: str,
+    source: str,
+    kind: str,
+    items: Sequence[str],
+    size: int,
+    inside: tuple[str, ...],
+    start: int = 0,
 ) -> list[WorkUnit]:
     offsets = range(0, len(items), size)
     return [
-        WorkUnit(dataset, source, kind, start + i, tuple(items[o : o + size])) for i, o in enumerate(offsets)
+        WorkUnit(dataset, source, kind, start + i, tuple(items[o : o + size]), inside)
+        for i, o in enumerate(offsets)
     ]
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder a glob's matches are under: its path up to the first wildcard."""
+    fixed = pattern[: min(pattern.index(c) for c in GLOB_CHARS if c in pattern)]
+    return fixed.rsplit("/", 1)[0] if "/" in fixed else "."
 
 
 def _normalize(source: str) -> str:
@@ -164,11 +192,15 @@ def _glob(pattern: str) -> list[str]:
     return uris
 
 
-def _keep_images(files: list[str]) -> list[str]:
+def _keep_images(files: list[str], inside: tuple[str, ...]) -> list[str]:
     """Files named as images, and unnamed files whose first bytes are an image's (read in parallel)."""
     unnamed = [f for f in files if not _named_image(f)]
+
+    def sniff(uri: str) -> bool:
+        return _sniff(uri, inside)
+
     with ThreadPoolExecutor(SNIFF_THREADS) as pool:
-        sniffed = set(f for f, ok in zip(unnamed, pool.map(_sniff, unnamed), strict=True) if ok)
+        sniffed = set(f for f, ok in zip(unnamed, pool.map(sniff, unnamed), strict=True) if ok)
     return [f for f in files if _named_image(f) or f in sniffed]
 
 
@@ -176,12 +208,10 @@ def _named_image(uri: str) -> bool:
     return posixpath.basename(uri).lower().endswith(IMAGE_SUFFIXES)
 
 
-def _sniff(uri: str) -> bool:
-    fs, path = storage.url_to_fs(uri)
+def _sniff(uri: str, inside: tuple[str, ...]) -> bool:
     try:
-        with fs.open(path, "rb") as f:
-            head = f.read(HEADER_BYTES)
-    except OSError:  # unreadable and not named as an image: nothing says it is one
+        head = _read_file(uri, HEADER_BYTES, inside, SNIFF_DEADLINE_S, whole=False)
+    except (OSError, RecordError):  # unreadable and not named as an image: nothing says it is one
         return False
     return looks_like_image(posixpath.basename(uri), head)
 
@@ -199,7 +229,7 @@ def _read_list(uri: str) -> list[str]:
     except (OSError, UnicodeDecodeError, pa.ArrowException) as exc:
         raise ConfigError(f"cannot read URI list {uri}: {exc}") from exc
     base = _parent(uri)
-    return [_resolve(entry, base) for entry in entries]
+    return [roots.resolve_entry(entry, base) for entry in entries]
 
 
 def _txt_entries(uri: str) -> list[str]:
@@ -245,15 +275,6 @@ def _parent(uri: str) -> str:
     return uri.rsplit("/", 1)[0] if "://" in uri else os.path.dirname(uri)
 
 
-def _resolve(entry: str, base: str) -> str:
-    if "://" in entry or entry.startswith("/"):
-        return entry
-    if "://" in base:
-        protocol, path = base.split("://", 1)
-        return f"{protocol}://{posixpath.normpath(posixpath.join(path, entry))}"
-    return os.path.normpath(os.path.join(base, entry))
-
-
 # ---------------------------------------------------------------- reading
 
 
@@ -272,7 +293,7 @@ def _read_items(unit: WorkUnit, http: HttpConfig) -> Iterator[RawImage]:
     fetcher = HttpFetcher(http) if any(is_http(u) for u in unit.items) else None
 
     def read(uri: str) -> RawImage:
-        return _read_one(unit.dataset, uri, http.max_bytes, fetcher)
+        return _read_one(unit.dataset, uri, http, fetcher, unit.roots)
 
     try:
         yield from _ordered_map(read, unit.items, READ_THREADS)
@@ -281,9 +302,16 @@ def _read_items(unit: WorkUnit, http: HttpConfig) -> Iterator[RawImage]:
             fetcher.close()
 
 
-def _read_one(dataset: str, uri: str, max_bytes: int, fetcher: HttpFetcher | None) -> RawImage:
+def _read_one(
+    dataset: str, uri: str, http: HttpConfig, fetcher: HttpFetcher | None, inside: tuple[str, ...]
+) -> RawImage:
+    if inside and not roots.allowed(uri, inside):
+        return RawImage(dataset, uri, error=roots.OUTSIDE)  # nothing opened, resolved or fetched
     try:
-        data = fetcher.get(uri) if fetcher is not None and is_http(uri) else _read_file(uri, max_bytes)
+        if fetcher is not None and is_http(uri):
+            data = fetcher.get(uri)
+        else:
+            data = _read_file(uri, http.max_bytes, inside, http.timeout_s)
     except RecordError as exc:
         return RawImage(dataset, uri, error=exc.reason)
     except Exception as exc:  # one bad record must not stop the unit, whatever went wrong
@@ -291,11 +319,52 @@ def _read_one(dataset: str, uri: str, max_bytes: int, fetcher: HttpFetcher | Non
     return RawImage(dataset, uri, data=data)
 
 
-def _read_file(uri: str, max_bytes: int) -> bytes:
+def _read_file(
+    uri: str, max_bytes: int, inside: tuple[str, ...], deadline_s: float, whole: bool = True
+) -> bytes:
+    """At most ``max_bytes`` of a file (all of it when ``whole``, else its first bytes)."""
     fs, path = storage.url_to_fs(uri)
-    if fs.size(path) > max_bytes:
+    if isinstance(fs, LocalFileSystem):
+        real = roots.check_real_path(path, inside) if inside else path
+        return _read_local(real, max_bytes, deadline_s, whole)
+    if whole and fs.size(path) > max_bytes:
         raise RecordError("read", f"larger than max_bytes ({max_bytes})")
+    if not whole:
+        with fs.open(path, "rb") as f:
+            return f.read(max_bytes)
     return fs.cat_file(path)
+
+
+def _read_local(path: str, max_bytes: int, deadline_s: float, whole: bool) -> bytes:
+    """Open without blocking (a FIFO with no writer would hang a plain open), accept only a regular
+    file, and read at most ``max_bytes + 1`` bytes under one deadline."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RecordError("read", "not a regular file")
+        if whole and info.st_size > max_bytes:
+            raise RecordError("read", f"larger than max_bytes ({max_bytes})")
+        return _read_fd(fd, max_bytes, time.monotonic() + deadline_s, whole)
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int, max_bytes: int, deadline: float, whole: bool) -> bytes:
+    chunks, total = [], 0
+    while total <= max_bytes:
+        if time.monotonic() > deadline:
+            raise RecordError("read", "timed out")
+        chunk = os.read(fd, min(READ_CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if not whole and total >= max_bytes:
+            return b"".join(chunks)[:max_bytes]
+    if total > max_bytes:  # the file grew after its size was checked
+        raise RecordError("read", f"larger than max_bytes ({max_bytes})")
+    return b"".join(chunks)
 
 
 def _ordered_map(fn: Callable[[str], RawImage], items: Sequence[str], threads: int) -> Iterator[RawImage]:

@@ -17,6 +17,7 @@ from PIL import Image
 from pipelines.core.config import DatasetSpec, HttpConfig
 from pipelines.core.errors import ConfigError, FatalError
 from pipelines.core.records import WorkUnit
+from pipelines.core.roots import OUTSIDE
 from pipelines.core.sources import plan_units, read_unit
 
 HTTP = HttpConfig()
@@ -120,22 +121,25 @@ def test_empty_folder_has_no_units(tmp_path):
 
 
 @pytest.mark.timeout(20)
-def test_symlinks_are_followed_for_files_and_never_loop(tmp_path):
+def test_symlinks_are_followed_inside_the_folder_only_and_never_loop(tmp_path):
     outside = write(tmp_path / "outside" / "real.jpg", JPEG)
     root = tmp_path / "root"
     write(root / "a.jpg", PNG)
-    os.symlink(outside, root / "link.jpg")  # a file symlink: followed
+    write(root / "sub" / "real.jpg", JPEG)
+    os.symlink(outside, root / "out.jpg")  # a file symlink out of the folder: refused, not read
+    os.symlink(root / "sub" / "real.jpg", root / "link.jpg")  # a file symlink inside: followed
     os.symlink(root, root / "up")  # a folder loop: not descended into
     os.symlink("loop.jpg", root / "loop.jpg")  # a link to itself
-    os.symlink(tmp_path / "nowhere.png", root / "gone.png")  # a dangling link
+    os.symlink(root / "nowhere.png", root / "gone.png")  # a dangling link
     os.symlink("self", root / "self")  # an unnamed link to itself: not an image
 
     (unit,) = plan(root)
 
     names = [os.path.basename(i) for i in unit.items]
-    assert names == ["a.jpg", "gone.png", "link.jpg", "loop.jpg"]
+    assert names == ["a.jpg", "gone.png", "link.jpg", "loop.jpg", "out.jpg", "real.jpg"]
     raws = {os.path.basename(r.source_uri): r for r in read_unit(unit, HTTP)}
     assert raws["link.jpg"].data == JPEG
+    assert raws["out.jpg"].data is None and raws["out.jpg"].error == OUTSIDE
     assert raws["gone.png"].error == "file not found" and raws["gone.png"].data is None
     assert raws["loop.jpg"].error and raws["loop.jpg"].data is None
 
@@ -290,10 +294,10 @@ def test_tar_member_over_max_bytes_is_an_error_row_and_reading_goes_on(tmp_path)
 def test_txt_list_skips_blanks_and_comments_and_resolves_relative_paths(tmp_path):
     a = write(tmp_path / "imgs" / "a.jpg", JPEG)
     b = write(tmp_path / "other" / "b.png", PNG)
-    listing = tmp_path / "lists" / "set.txt"
+    listing = tmp_path / "set.txt"  # entries may be relative to its folder, or absolute inside it
     write(
         listing,
-        f"# my data set\n\n../imgs/a.jpg\n  {b}  \n../imgs/missing.jpg\nhttp://x.invalid/c.jpg\n".encode(),
+        f"# my data set\n\nimgs/a.jpg\n  {b}  \nimgs/missing.jpg\nhttp://x.invalid/c.jpg\n".encode(),
     )
 
     units = plan(listing, 2)
