@@ -1,0 +1,29 @@
+"""The KubeRay recipe keeps the Ray head's unauthenticated Jobs API inside the cluster: a ClusterIP
+head Service and a NetworkPolicy that admits only the job's submitter and the Ray pods."""
+
+from pathlib import Path
+
+import yaml
+
+INFRA = Path(__file__).resolve().parents[2] / "infra" / "kuberay"
+
+
+def test_the_head_service_is_cluster_internal():
+    head = yaml.safe_load((INFRA / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head.get("serviceType") == "ClusterIP"
+
+
+def test_a_network_policy_admits_only_the_submitter_and_ray_pods():
+    rayjob = yaml.safe_load((INFRA / "rayjob.yaml").read_text())
+    policy = yaml.safe_load((INFRA / "networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    sources = [
+        peer["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for peer in rule["from"]
+    ]
+    assert sources == [{"ray.io/is-ray-node": "yes"}, {"job-name": rayjob["metadata"]["name"]}]
+    (submitter,) = [
+        r for r in policy["spec"]["ingress"] if "job-name" in r["from"][0]["podSelector"]["matchLabels"]
+    ]
+    assert submitter["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    assert "networkpolicy.yaml" in (INFRA / "rayjob.yaml").read_text()  # the apply line names it
