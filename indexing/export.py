@@ -29,6 +29,7 @@ from pipelines.core.errors import ConfigError
 
 from . import bundle, erase
 from .errors import IntegrityError
+from .export_records import record_export
 from .faiss_io import write_faiss
 from .shard import METADATA_ROW_GROUP
 
@@ -96,6 +97,7 @@ def export(index: str, to: str, shards: int | None = None, version: str | None =
             copy_file(os.path.join(staged, entry["file"]), storage.join(target, entry["file"]))
     storage.write_atomic(storage.join(target, bundle.MANIFEST), bundle.seal(body), create_only=True)
     bundle.move_current(to, name)
+    record_export(bundle.root_of(folder), to)
     files = list(bundle.bundle_files(body))
     return ExportResult(target, name, len(body["shards"]), len(files) + 1, sum(f["bytes"] for f in files))
 

@@ -9,6 +9,7 @@ from pipelines.core.faults import checkpoint
 from pipelines.core.locks import sweep_lock
 from pipelines.core.writer import RUN_MANIFEST
 
+from ..export_records import recorded_exports
 from .bundles import (
     default_cache,
     index_root,
@@ -84,7 +85,8 @@ def sweep(
     for run in run_uris:
         if storage.exists(storage.join(run, RUN_MANIFEST)):
             run_shas[run] = sweep_run(run, erased, report)
-    for folder in [*versions, *(v for e in exports for v in version_folders(e))]:
+    everywhere = dict.fromkeys([*exports, *recorded_exports(index_root(index_uri))])
+    for folder in [*versions, *(v for e in everywhere if storage.exists(e) for v in version_folders(e))]:
         sweep_bundle(folder, erased, run_shas, report)
     for cache in [*cache_dirs, default_cache()]:
         report.caches_removed.extend(purge_cache(cache, erased, versions))

@@ -319,6 +319,17 @@ def _read_one(
     return RawImage(dataset, uri, data=data)
 
 
+def read_bounded(uri: str, max_bytes: int, deadline_s: float) -> bytes:
+    """One file of any origin (a query photo) read as ingest reads a data set's: regular files
+    only, at most ``max_bytes``, under a deadline; failures are RecordError("read", reason)."""
+    try:
+        return _read_file(uri, max_bytes, (), deadline_s)
+    except RecordError:
+        raise
+    except Exception as exc:  # a missing file, a folder, a socket: a reason, not a traceback
+        raise RecordError("read", _reason(exc)) from None
+
+
 def _read_file(
     uri: str, max_bytes: int, inside: tuple[str, ...], deadline_s: float, whole: bool = True
 ) -> bytes:
