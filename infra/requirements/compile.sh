@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Regenerate the pinned, hashed requirement files the images install from (run after changing
+# pyproject.toml's dependencies): bash infra/requirements/compile.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+compile() {  # output, then uv pip compile arguments
+  local out=$1
+  shift
+  uv pip compile pyproject.toml "$@" --generate-hashes --python-version 3.11 \
+    --python-platform x86_64-manylinux_2_28 --no-header -o "infra/requirements/$out"
+}
+compile cpu.txt --extra ray --extra beam --extra gcs
+compile gpu.txt --extra gpu --extra ray --extra beam --extra gcs
+compile dataflow.txt infra/requirements/dataflow.in --extra beam --extra gcs
