@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pipelines.core import erasure, storage
 from pipelines.core.errors import ConfigError
 
-from . import bundle, erase
+from . import bundle, erase, signing
 from .errors import IntegrityError
 from .export_records import record_export
 from .faiss_io import write_faiss
@@ -46,35 +46,37 @@ class ExportResult:
 # ---------------------------------------------------------------- verify
 
 
-def verify_bundle(uri: str) -> tuple[str, dict]:
+def verify_bundle(uri: str, public_key: signing.PublicKeyLike = None) -> tuple[str, dict]:
     """(version folder, manifest) of a bundle root (via CURRENT) or a version folder, after checking
-    the manifest's checksum and every listed file's size and sha256 in place; IntegrityError names
-    the first bad file."""
+    the manifest's checksum, its signature (with ``public_key`` or ``$FACEAUDIT_PUBLIC_KEY``), its
+    names, and every listed file's size and sha256 in place; IntegrityError names the first bad
+    file."""
+    key = signing.public_key(public_key)
     folder, version = bundle.resolve(uri)
     manifest = bundle.parse_manifest(storage.read_bytes(storage.join(folder, bundle.MANIFEST)))
+    signing.check(manifest, key)
     if manifest.get("version") != version:
         raise IntegrityError(
             bundle.MANIFEST, f"names version {manifest.get('version')!r} but lies in {version!r}"
         )
-    for entry in bundle.bundle_files(manifest):
-        target = storage.join(folder, entry["file"])
-        if not storage.exists(target):
-            raise IntegrityError(entry["file"], "missing")
-        size = storage.size(target)
-        if size != entry["bytes"]:
-            raise IntegrityError(entry["file"], f"{size} bytes, the manifest says {entry['bytes']}")
-        if storage.sha256_file(target) != entry["sha256"]:
-            raise IntegrityError(entry["file"], "sha256 does not match the manifest")
+    bundle.verify_in_place(folder, manifest)
     return folder, manifest
 
 
 # ---------------------------------------------------------------- export
 
 
-def export(index: str, to: str, shards: int | None = None, version: str | None = None) -> ExportResult:
-    """Copy the version CURRENT names (or ``version``) of ``index`` to ``to`` and move ``to``'s CURRENT."""
+def export(
+    index: str,
+    to: str,
+    shards: int | None = None,
+    version: str | None = None,
+    public_key: signing.PublicKeyLike = None,
+) -> ExportResult:
+    """Copy the version CURRENT names (or ``version``) of ``index`` to ``to`` and move ``to``'s CURRENT.
+    The manifest is signed with the active signing key (``signing.signing_with``), if any."""
     source = storage.join(index, version) if version else index
-    folder, manifest = verify_bundle(source)
+    folder, manifest = verify_bundle(source, public_key)
     name = manifest["version"]
     target = storage.join(to, name)
     if storage.exists(storage.join(target, bundle.MANIFEST)):

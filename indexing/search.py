@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipelines.core import erasure, storage
 
-from . import bundle, gpu
+from . import bundle, gpu, signing
 from .errors import QueryError
 from .faiss_io import read_faiss
 from .recall import merge_topk
@@ -172,7 +172,7 @@ class Index:
 
     @property
     def match_threshold(self) -> float:
-        return float(self.manifest["match_threshold"])
+        return bundle.check_threshold(self.manifest)  # in (0, 1), or IntegrityError
 
     @property
     def ntotal(self) -> int:
@@ -252,18 +252,28 @@ def open_index(
     use_gpu: bool | None = False,
     cache_dir: str | None = None,
     erasure_log: str | None = None,
+    public_key: signing.PublicKeyLike = None,
 ) -> Index:
     """Open the version CURRENT names (or a version folder), after checking every file's sha256.
 
-    A remote bundle is first downloaded to ``cache_dir`` (default ``~/.cache/faceaudit/index``);
-    faiss and numpy memory-map local files only. Faces named by the erasure log (default
-    ``<index root>/_erasure``) are never returned (docs/erasure.md).
+    With a public key (``public_key=``: a PEM path, PEM bytes or a key object; else
+    ``$FACEAUDIT_PUBLIC_KEY``) the manifest must carry a valid Ed25519 signature by that key, or
+    IntegrityError. Signed or not, the manifest's names, declared sizes and match_threshold are
+    checked before anything is downloaded or parsed (bundle.py). A remote bundle is first
+    downloaded to ``cache_dir`` (default ``~/.cache/faceaudit/index``); faiss and numpy memory-map
+    local files only. Faces named by the erasure log (default ``<index root>/_erasure``) are never
+    returned (docs/erasure.md).
     """
+    key = signing.public_key(public_key)
     folder, _ = bundle.resolve(uri)
     log = erasure_log or erasure.default_log(bundle.root_of(folder))
     manifest = bundle.parse_manifest(storage.read_bytes(storage.join(folder, bundle.MANIFEST)))
+    signing.check(manifest, key)
+    bundle.check_version(manifest)
+    bundle.check_threshold(manifest)
     cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "faceaudit", "index")
-    local = bundle.local_copy(folder, manifest, cache)
-    if verify:
-        bundle.verify(local, manifest)
+    local = bundle.local_copy(folder, manifest, cache)  # a remote bundle: verified before it is used
+    if storage.is_local(folder):
+        # sizes declared inside the files are always checked before faiss reads them; sha256 on request
+        (bundle.verify if verify else bundle.check_declared)(local, manifest)
     return Index(manifest, local, use_gpu=gpu.wanted(use_gpu), erasure_log=log)
