@@ -202,3 +202,12 @@ def _mount_erase() -> None:
 
 
 _mount_erase()
+
+
+def _mount_keygen() -> None:
+    from .commands.index import keygen
+
+    app.command("keygen")(keygen)
+
+
+_mount_keygen()

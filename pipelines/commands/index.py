@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from indexing import bundle
+from indexing import bundle, signing
 from indexing.build import build_index
 from indexing.options import BuildOptions, default, describe
 from indexing.photos import FaceMatches, PhotoSearch, search_photos
@@ -20,6 +20,15 @@ from pipelines.core import storage
 from pipelines.core.errors import FaceauditError
 
 from .common import err, fail, out
+
+SIGNING_KEY_HELP = (
+    "sign the manifest with this Ed25519 private key (PEM; faceaudit keygen writes one); "
+    f"default: ${signing.ENV_SIGNING_KEY}"
+)
+PUBLIC_KEY_HELP = (
+    "refuse a bundle not signed by this Ed25519 public key (PEM); "
+    f"default: ${signing.ENV_PUBLIC_KEY}, else signatures are not checked"
+)
 
 index_app = typer.Typer(help="Build and inspect index bundles of face embeddings.", no_args_is_help=True)
 
@@ -54,6 +63,7 @@ def build(
         str | None,
         typer.Option(help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray)"),
     ] = None,
+    signing_key: Annotated[str | None, typer.Option("--signing-key", help=SIGNING_KEY_HELP)] = None,
 ) -> None:
     """Turn committed runs into a new index version and point INDEX/CURRENT at it.
 
@@ -78,8 +88,10 @@ def build(
             nlist=nlist,
             max_rerank_factor=max_rerank_factor,
         )
+        key = signing.signing_key(signing_key)  # a bad key file fails before any work
         runner = shard_runner(engine, ray_address, beam_args)
-        result = build_index(run_uris, out_uri, opts, runner)
+        with signing.signing_with(key):
+            result = build_index(run_uris, out_uri, opts, runner)
     except (FaceauditError, ValueError) as exc:  # ValueError: pydantic's check of an option
         fail(exc)
     m = result.manifest
@@ -147,10 +159,11 @@ def search(
     ] = None,
     nprobe: Annotated[int | None, typer.Option(help="inverted lists probed (default: the tuned one)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
+    public_key: Annotated[str | None, typer.Option("--public-key", help=PUBLIC_KEY_HELP)] = None,
 ) -> None:
     """Find every face of each photo in the index, with the same model the index was built from."""
     try:
-        idx = open_index(index)
+        idx = open_index(index, public_key=public_key)
         report = search_report(idx, photos, k, threshold, nprobe)
     except FaceauditError as exc:
         fail(exc)
@@ -232,3 +245,16 @@ def print_report(report: dict) -> None:
                     )
             if face["matches"]:
                 out.print(table)
+
+
+def keygen(
+    out_dir: Annotated[str, typer.Option("--out", help="folder for the key pair (created if missing)")],
+) -> None:
+    """Write a new Ed25519 key pair for signing index bundles: the private key (mode 0600) for
+    --signing-key or FACEAUDIT_SIGNING_KEY, the public key for --public-key or FACEAUDIT_PUBLIC_KEY."""
+    try:
+        private, public = signing.keygen(out_dir)
+        key_id = signing.key_id(signing.load_public_key(public))
+    except FaceauditError as exc:
+        fail(exc)
+    out.print(f"private key {private} (keep it secret; mode 0600)\npublic key  {public} (key {key_id})")

@@ -8,6 +8,7 @@ import typer
 
 from pipelines.commands.common import fail as _fail
 from pipelines.commands.common import out
+from pipelines.commands.index import PUBLIC_KEY_HELP, SIGNING_KEY_HELP
 from pipelines.core.errors import ConfigError, FaceauditError
 from pipelines.core.locks import LockHeld
 
@@ -50,10 +51,13 @@ def rebuild(
         int | None, typer.Option(help="lock expiry in seconds (renewed while running)")
     ] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    signing_key: Annotated[str | None, typer.Option("--signing-key", help=SIGNING_KEY_HELP)] = None,
 ) -> None:
     """Bring the index up to date with the registry: ingest what is new, build, check, then move CURRENT.
 
     With --engine beam, any further arguments are Beam pipeline options (--runner=DataflowRunner ...)."""
+    from indexing import signing
+
     from .config import load_rebuild_config
     from .driver import rebuild as run_rebuild
 
@@ -78,7 +82,9 @@ def rebuild(
             if cfg.engine != "beam":
                 raise ConfigError(f"unknown arguments {ctx.args} (pipeline options are for --engine beam)")
             cfg.beam = cfg.beam.model_copy(update={"options": [*cfg.beam.options, *ctx.args]})
-        state = run_rebuild(cfg)
+        key = signing.signing_key(signing_key)  # a bad key file fails before any work
+        with signing.signing_with(key):
+            state = run_rebuild(cfg)
     except LockHeld as exc:
         _fail(exc, EXIT_LOCKED)
     except FaceauditError as exc:
@@ -107,12 +113,20 @@ def export(
         int | None, typer.Option(help="re-shard into this many shards (default: as they are)")
     ] = None,
     version: Annotated[str | None, typer.Option(help="export this version instead of CURRENT's")] = None,
+    signing_key: Annotated[str | None, typer.Option("--signing-key", help=SIGNING_KEY_HELP)] = None,
+    public_key: Annotated[
+        str | None, typer.Option("--public-key", help="the source: " + PUBLIC_KEY_HELP)
+    ] = None,
 ) -> None:
-    """Copy a verified index version to another root (itself a valid bundle), re-sharded if asked."""
+    """Copy a verified index version to another root (itself a valid bundle), re-sharded if asked.
+    Without --signing-key, a signed source stays signed only if the export changes nothing."""
+    from indexing import signing
     from indexing.export import export as run_export
 
     try:
-        result = run_export(index, to, shards, version)
+        key = signing.signing_key(signing_key)
+        with signing.signing_with(key):
+            result = run_export(index, to, shards, version, public_key=public_key)
     except FaceauditError as exc:
         _fail(exc)
     out.print(
@@ -123,12 +137,14 @@ def export(
 
 def verify(
     uri: Annotated[str, typer.Argument(help="index root (checks CURRENT's version) or a version folder")],
+    public_key: Annotated[str | None, typer.Option("--public-key", help=PUBLIC_KEY_HELP)] = None,
 ) -> None:
-    """Check a bundle's manifest checksum and every file's size and sha256; exit 1 naming a bad file."""
+    """Check a bundle's manifest checksum (and signature, with a public key) and every file's size
+    and sha256; exit 1 naming a bad file."""
     from indexing.export import verify_bundle
 
     try:
-        folder, manifest = verify_bundle(uri)
+        folder, manifest = verify_bundle(uri, public_key=public_key)
     except FaceauditError as exc:
         _fail(exc)
     files = sum(
