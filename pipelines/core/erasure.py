@@ -3,7 +3,7 @@
 A log is a folder (local or ``gs://``), by default ``<index>/_erasure/``:
 
 ```
-<log>/SALT                      32 random bytes (hex), created once, create-only; a secret
+<log>/SALT                      32 random bytes (hex), created once, create-only; a secret (0600)
 <log>/entries/<time>-<rand>.json one object per erasure, create-only: the log is append-only
 ```
 
@@ -124,6 +124,7 @@ class ErasureLog:
         """The log's salt; created (once, create-only) when ``create`` and absent."""
         uri = storage.join(self.uri, SALT)
         if storage.exists(uri):
+            storage.restrict(uri)  # a secret: 0600 (new ones are created so; older ones are fixed here)
             return Keys(_parse_salt(storage.read_text(uri), uri))
         if not create:
             return None

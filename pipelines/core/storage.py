@@ -23,8 +23,51 @@ from .errors import AlreadyExists, Conflict  # raised by the writers below (stor
 from .faults import checkpoint
 
 TMP_MARK = ".tmp-"
+# Local files and folders faceaudit creates hold face embeddings, keys and locks: owner only
+# (docs/security.md). Every local create below goes through make_dirs and create_private.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 GCS_SCHEMES = ("gs://", "gcs://")
 ABSENT = "absent"  # the version token of a local object that does not exist
+
+
+def make_dirs(path: str) -> None:
+    """Create the local folder ``path`` and each missing folder above it, 0700 (the umask may take
+    more away, never add). Folders that already exist are left as they are."""
+    missing = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, DIR_MODE)
+
+
+def create_private(path: str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_EXCL) -> int:
+    """Open (by default: create, failing if it exists) the local file ``path``, 0600, and return
+    its descriptor; not inherited by programs this process starts."""
+    return os.open(path, flags | os.O_CLOEXEC, FILE_MODE)
+
+
+def make_private(path: str) -> None:
+    """Owner-only mode for a local file that a library created with the default mode (faiss,
+    numpy and pyarrow writers take no mode), before it is moved into place."""
+    os.chmod(path, FILE_MODE)
+
+
+def restrict(uri: str) -> None:
+    """Take group and other access away from an existing local file (one created before files
+    were made 0600); a no-op on gs://, and when this process may not change it."""
+    if is_gcs(uri) or not is_local(uri):
+        return
+    path = url_to_fs(uri)[1]
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, FILE_MODE)
 
 
 def is_gcs(uri: str) -> bool:
@@ -92,10 +135,10 @@ def download(uri: str, path: str, chunk: int = 1 << 22) -> None:
     """Copy ``uri`` to the local ``path`` in chunks (bounded memory); ``path`` appears only whole."""
     fs, remote = url_to_fs(uri)
     folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
+    make_dirs(folder)
     tmp = os.path.join(folder, f".{os.path.basename(path)}{TMP_MARK}{uuid.uuid4().hex}")
     try:
-        with fs.open(remote, "rb") as src, open(tmp, "wb") as dst:
+        with fs.open(remote, "rb") as src, os.fdopen(create_private(tmp), "wb") as dst:
             while block := src.read(chunk):
                 dst.write(block)
         os.replace(tmp, path)
@@ -109,7 +152,8 @@ def move_in(path: str, uri: str) -> None:
     systems), one upload on GCS (an object appears only complete)."""
     if is_local(uri):
         target = url_to_fs(uri)[1]
-        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        make_dirs(os.path.dirname(target) or ".")
+        make_private(path)  # written by a library with the default mode
         shutil.move(path, target)
         return
     fs, remote = url_to_fs(uri)
@@ -156,9 +200,9 @@ def write_atomic(uri: str, data: bytes, create_only: bool = False) -> None:
 
 def _write_local(path: str, data: bytes, create_only: bool) -> None:
     folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
+    make_dirs(folder)
     tmp = os.path.join(folder, f".{os.path.basename(path)}{TMP_MARK}{uuid.uuid4().hex}")
-    with open(tmp, "wb") as f:
+    with os.fdopen(create_private(tmp), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -209,7 +253,7 @@ def write_if_unchanged(uri: str, data: bytes, token: str) -> str:
         return gcs.write_if_unchanged(uri, data, token)
     path = _local_path(uri)
     folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
+    make_dirs(folder)
     with folder_lock(folder):
         if _local_token(_read_or_none(path)) != token:
             raise Conflict(f"{uri} changed since it was read")
