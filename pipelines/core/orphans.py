@@ -8,8 +8,9 @@ leaves may linger. In a run folder an orphan is
   in a run being resumed, a part file of a unit that is not in the plan (the listing changed);
   in an abandoned run (uncommitted, untouched for a while), every shard.
 
-Never an orphan: a file a committed manifest lists, the manifest itself, a file faceaudit does not
-write. The index side (unpublished builds) and the ``faceaudit gc`` command are in
+Never an orphan: a file a committed manifest lists, the manifest itself, a committed run's plan
+(``_plan.json``), a file faceaudit does not write, anything in a run whose writer holds its lock
+(``_run.lock``). The index side (unpublished builds) and the ``faceaudit gc`` command are in
 ``indexing/gc.py``; the helpers they share are here.
 """
 
@@ -27,7 +28,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from . import storage
-from .writer import RUN_MANIFEST, is_committed, read_manifest
+from .locks import now_utc, parse_lock
+from .writer import RUN_LOCK, RUN_MANIFEST, RUN_PLAN, is_committed, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -90,26 +92,49 @@ def newest(entries: Iterable[Entry]) -> float:
 
 def faceaudit_file(rel: str) -> bool:
     """A file of a run folder that faceaudit writes and may delete (never the manifest)."""
-    return is_tmp(rel) or bool(SHARD.fullmatch(rel)) or rel in (BEAM_PLAN, BEAM_KNOWN)
+    return is_tmp(rel) or bool(SHARD.fullmatch(rel)) or rel in (BEAM_PLAN, BEAM_KNOWN, RUN_PLAN, RUN_LOCK)
+
+
+def run_writer_alive(run: str) -> bool:
+    """A process holds the run's lock (``run.RunLock``): locally its flock is held (probed with a
+    shared lock for an instant), on gs:// its lock object has not expired."""
+    uri = storage.join(run, RUN_LOCK)
+    if not storage.is_local(run):
+        found, _ = storage.read_versioned(uri)
+        held = parse_lock(found) if found else None
+        return held is not None and not held.expired(now_utc())
+    try:
+        fd = os.open(storage.url_to_fs(uri)[1], os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    finally:
+        os.close(fd)
 
 
 def run_orphans(run: str, older_than_s: float, now: float | None = None) -> list[Orphan]:
     """For ``faceaudit gc``: the orphans of one run folder, none younger than ``older_than_s``.
 
-    A committed run keeps what its manifest lists. An uncommitted run is left alone while any of
-    its files is younger than ``older_than_s`` (it may still be running); past that it is
-    abandoned, and every shard of it goes.
+    A committed run keeps what its manifest lists, and its plan. An uncommitted run is left alone
+    while its writer holds its lock, or while any of its files is younger than ``older_than_s`` (it
+    may still be running); past that it is abandoned, and every shard of it goes.
     """
     now = time.time() if now is None else now
     files = list_files(run)
     if is_committed(run):
-        listed = {s["file"] for s in read_manifest(run)["shards"]} | {RUN_MANIFEST}
+        listed = {s["file"] for s in read_manifest(run)["shards"]} | {RUN_MANIFEST, RUN_PLAN}
         return [
             Orphan(e.uri, e.bytes, "temporary file" if is_tmp(e.rel) else "not in the run's manifest")
             for e in files
             if e.rel not in listed and faceaudit_file(e.rel) and e.mtime <= now - older_than_s
         ]
-    if newest(files) > now - older_than_s:
+    if newest(files) > now - older_than_s or run_writer_alive(run):
         return []
     ours = [e for e in files if faceaudit_file(e.rel)]
     if len(ours) == len(files):  # nothing but faceaudit's files: the folder goes whole
@@ -118,8 +143,9 @@ def run_orphans(run: str, older_than_s: float, now: float | None = None) -> list
 
 
 def clean_run(run: str, planned_parts: set[str]) -> None:
-    """For a run being resumed (the previous attempt with this run id is over): delete temporary
-    files and the shards of units that are not in the plan. Shards of planned units stay: done
+    """For a run being resumed by the holder of its lock (so every earlier attempt with this run
+    id is over): delete temporary files and the shards of units that are not in the run's
+    persisted plan (``planned_parts``: its shard names). Shards of planned units stay: done
     units are kept, and pending units' shards are rewritten whole by this attempt."""
     found = []
     for e in list_files(run):
@@ -177,10 +203,10 @@ def in_progress(folder: str) -> Iterator[None]:
         yield
         return
     path = storage.url_to_fs(folder)[1]
-    os.makedirs(path, exist_ok=True)
+    storage.make_dirs(path)
     marker = os.path.join(path, BUILD_LOCK)
     tmp = f"{marker}{storage.TMP_MARK}{os.getpid()}"
-    fd = os.open(tmp, os.O_CREAT | os.O_RDWR, 0o600)
+    fd = storage.create_private(tmp, os.O_CREAT | os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
         os.replace(tmp, marker)

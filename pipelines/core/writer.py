@@ -11,10 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import erasure, storage
+from .names import check_name
 from .schema import IMAGES_SCHEMA, faces_schema
 
 RUN_FORMAT = "faceaudit.run/1"
 RUN_MANIFEST = "_manifest.json"  # written last: a run without it is never read
+RUN_PLAN = "_plan.json"  # the run's data sets and units, written once at its first start (run.py)
+RUN_LOCK = "_run.lock"  # held by the one process writing the run (run.py), removed when it ends
 
 
 def is_committed(run: str) -> bool:
@@ -22,8 +25,10 @@ def is_committed(run: str) -> bool:
 
 
 def read_manifest(run: str) -> dict:
-    """A committed run's manifest."""
-    return json.loads(storage.read_text(storage.join(run, RUN_MANIFEST)))
+    """A committed run's manifest; its run id is checked like one given on the command line."""
+    body = json.loads(storage.read_text(storage.join(run, RUN_MANIFEST)))
+    check_name(body.get("run_id"), "run id")
+    return body
 
 
 @dataclass(frozen=True, slots=True)

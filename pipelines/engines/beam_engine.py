@@ -47,9 +47,8 @@ from ..core.run import (
     Tally,
     UnitBuffer,
     finish_run,
+    hold_run,
     is_committed,
-    new_run_id,
-    plan_run,
     read_manifest,
     run_uri,
 )
@@ -104,20 +103,20 @@ def run_job(
     get ``images`` rows here without being decoded or embedded again.
     """
     started = dt.datetime.now(dt.timezone.utc)
-    run_id = job.run_id or new_run_id()
-    uri = run_uri(job.out, run_id)
-    if not is_committed(uri):
-        state = plan_run(job, run_id)
+    with hold_run(job) as state:  # the driver is the run's one writer until the block ends
+        run_id, uri = state.run_id, state.uri
+        if state.committed:
+            return RunSummary(run_id, uri, read_manifest(uri))
         plan = write_plan(uri, plan_order(job, state))
         run = BeamRun(job, run_id, plan, write_known(uri, known), known_from, started)
         result = run_pipeline([*job.beam.options, *pipeline_args], run.attach)
         if not is_committed(uri):  # a runner that returns before the job ends (a launched template)
+            # the lock goes with this driver; the launched job's Beam plan marks the run as in flight
             log.warning("run %s was submitted; its manifest is written when the job ends", run_id)
             return RunSummary(run_id, uri, {"run_id": run_id, "counts": {}, "engine": "beam"})
         _remove_inputs(uri)
-        elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
-        return RunSummary(run_id, uri, read_manifest(uri), len(state.done), elapsed, _analyzed(result))
-    return RunSummary(run_id, uri, read_manifest(uri))
+    elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+    return RunSummary(run_id, uri, read_manifest(uri), len(state.done), elapsed, _analyzed(result))
 
 
 def write_plan(run: str, units: list[PlannedUnit]) -> str:

@@ -27,11 +27,8 @@ from ..core.run import (
     Tally,
     UnitBuffer,
     finish_run,
-    is_committed,
-    new_run_id,
-    plan_run,
+    hold_run,
     read_manifest,
-    run_uri,
 )
 from ..core.sources import read_unit
 from ..core.stages import read_error_result
@@ -206,23 +203,21 @@ def run_job(
     they are neither decoded nor embedded again (``faceaudit rebuild``'s incremental ingest).
     """
     started = dt.datetime.now(dt.timezone.utc)
-    run_id = job.run_id or new_run_id()
-    uri = run_uri(job.out, run_id)
-    if is_committed(uri):
-        manifest = read_manifest(uri)
-        return RunSummary(run_id, uri, manifest)
-    state = plan_run(job, run_id)
-    for sha, result in (known or {}).items():
-        state.seen.setdefault(sha, result)  # not an owner here: the faces are in ``known_from``
-    workers = job.workers or os.cpu_count() or 1
-    executor = _executor(job, workers)
-    try:
-        info = executor.submit(describe).result()
-        local = LocalRun(job, run_id, state, executor, info)
-        local.run()
-    finally:
-        executor.shutdown(cancel_futures=True)
-    known_runs = None if known is None else known_from or []  # faces of known images live there
-    body = finish_run(state, manifest_header(job, run_id, "local", info, started, known_runs))
+    with hold_run(job) as state:  # this process is the run's one writer until the block ends
+        run_id, uri = state.run_id, state.uri
+        if state.committed:
+            return RunSummary(run_id, uri, read_manifest(uri))
+        for sha, result in (known or {}).items():
+            state.seen.setdefault(sha, result)  # not an owner here: the faces are in ``known_from``
+        workers = job.workers or os.cpu_count() or 1
+        executor = _executor(job, workers)
+        try:
+            info = executor.submit(describe).result()
+            local = LocalRun(job, run_id, state, executor, info)
+            local.run()
+        finally:
+            executor.shutdown(cancel_futures=True)
+        known_runs = None if known is None else known_from or []  # faces of known images live there
+        body = finish_run(state, manifest_header(job, run_id, "local", info, started, known_runs))
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     return RunSummary(run_id, uri, body, len(state.done), elapsed, local.analyzed)

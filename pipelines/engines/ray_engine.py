@@ -56,11 +56,8 @@ from ..core.run import (
     RunSummary,
     Tally,
     finish_run,
-    is_committed,
-    new_run_id,
-    plan_run,
+    hold_run,
     read_manifest,
-    run_uri,
 )
 from ..core.stages import analyze_batch
 from ..core.worker import analyze, init_worker
@@ -81,27 +78,26 @@ def run_job(
     get ``images`` rows here without being decoded or embedded again.
     """
     started = dt.datetime.now(dt.timezone.utc)
-    run_id = job.run_id or new_run_id()
-    uri = run_uri(job.out, run_id)
-    if is_committed(uri):
-        return RunSummary(run_id, uri, read_manifest(uri))
-    ray = require("ray", "ray")
-    state = plan_run(job, run_id)
-    connected_here = _connect(ray, job)
-    try:
-        _quiet(job.progress)
-        info = _describe(ray, job)
-        units = plan_order(job, state)
-        dups, committed = _find_duplicates(units, job, state.uri, known or {})
-        tasks = unit_tasks(units, dups)
-        run = _Run(job, run_id, state.uri, info)
-        tally, analyzed = run.process(tasks, committed)
-    finally:
-        if connected_here:
-            ray.shutdown()
-    tally.check_end(job.max_error_fraction, job.min_images_for_budget)
-    known_runs = None if known is None else known_from or []
-    body = finish_run(state, manifest_header(job, run_id, "ray", info, started, known_runs))
+    with hold_run(job) as state:  # the driver is the run's one writer until the block ends
+        run_id, uri = state.run_id, state.uri
+        if state.committed:
+            return RunSummary(run_id, uri, read_manifest(uri))
+        ray = require("ray", "ray")
+        connected_here = _connect(ray, job)
+        try:
+            _quiet(job.progress)
+            info = _describe(ray, job)
+            units = plan_order(job, state)
+            dups, committed = _find_duplicates(units, job, state.uri, known or {})
+            tasks = unit_tasks(units, dups)
+            run = _Run(job, run_id, state.uri, info)
+            tally, analyzed = run.process(tasks, committed)
+        finally:
+            if connected_here:
+                ray.shutdown()
+        tally.check_end(job.max_error_fraction, job.min_images_for_budget)
+        known_runs = None if known is None else known_from or []
+        body = finish_run(state, manifest_header(job, run_id, "ray", info, started, known_runs))
     elapsed = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
     return RunSummary(run_id, uri, body, len(state.done), elapsed, analyzed)
 
