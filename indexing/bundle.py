@@ -99,7 +99,8 @@ def seal(body: dict, key: signing.Ed25519PrivateKey | None = None) -> bytes:
     ``--signing-key`` or ``$FACEAUDIT_SIGNING_KEY``) when there is one, then a checksum over
     everything else in it. Without a key, a signature the body carries is kept only while it still
     verifies (an export that changes nothing stays signed); a stale one is dropped."""
-    body = {k: v for k, v in body.items() if k != "checksum"}
+    # as JSON will read it back, so the checksum and signature fit what a reader parses
+    body = json.loads(json.dumps({k: v for k, v in body.items() if k != "checksum"}))
     key = key or signing.active_key()
     if key is not None:
         body["signature"] = signing.sign(body, key)
@@ -627,12 +628,16 @@ def _fetch(uri: str, path: str, entry: dict, chunk: int = 1 << 22) -> None:
 
 
 def _move_into_place(staging: str, target: str, manifest: dict) -> None:
-    """Rename the verified ``staging`` folder to ``target``; an older copy there is moved aside and
-    removed. If another process put a good copy there meanwhile, keep that one."""
+    """Rename the verified ``staging`` folder to ``target``. A good copy another process put there
+    meanwhile is kept (it may be open already); a bad or older one is moved aside and removed."""
     old = None
     if os.path.isdir(target):
-        old = tempfile.mkdtemp(prefix=f"{PARTIAL}old-", dir=os.path.dirname(target))
-        os.rename(target, os.path.join(old, "copy"))
+        try:
+            verify(target, manifest)
+            return
+        except IntegrityError:
+            old = tempfile.mkdtemp(prefix=f"{PARTIAL}old-", dir=os.path.dirname(target))
+            os.rename(target, os.path.join(old, "copy"))
     try:
         os.rename(staging, target)
     except OSError:

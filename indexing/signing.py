@@ -68,8 +68,11 @@ def unsigned_body(manifest: dict) -> dict:
 
 
 def signed_bytes(manifest: dict) -> bytes:
-    """The exact bytes a manifest's signature is over (see the module docstring)."""
-    canonical = json.dumps(unsigned_body(manifest), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    """The exact bytes a manifest's signature is over (see the module docstring). The body is taken
+    as JSON reads it back (a tuple becomes a list, a non-string key a string), so a writer signs
+    exactly what a reader will check."""
+    body = json.loads(json.dumps(unsigned_body(manifest)))
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return DOMAIN + canonical.encode("ascii")
 
 
