@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .core.config import DatasetSpec, JobConfig, load_job, validate_job
@@ -112,15 +113,21 @@ def _run(job: JobConfig, beam_args: list[str]):
 
 
 class _fatal_errors:
-    """Turn faceaudit's own errors into a clear message and a non-zero exit."""
+    """Turn faceaudit's own errors into a one-line message and a non-zero exit: EXIT_LOCKED (3)
+    when the run is another process's or another plan's (a scheduler may try again later, or
+    must choose another run id), 2 otherwise."""
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, exc, tb):
         if isinstance(exc, FaceauditError):
-            console.print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(2) from exc
+            from .core.locks import LockHeld
+            from .core.run import RunConflict
+            from .rebuild.cli import EXIT_LOCKED
+
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(EXIT_LOCKED if isinstance(exc, (LockHeld, RunConflict)) else 2) from exc
         return False
 
 
