@@ -223,6 +223,137 @@ def test_reingest_and_rebuild_do_not_bring_them_back(work, pristine, queries):
     assert swept.manifest["erasure"]["faces_removed"] == len(ids)
 
 
+def log_only(index, face_ids: set[int]) -> None:
+    """Log an erasure as `erase` does first, without sweeping: the files still hold the faces."""
+    from indexing.erase import log_faces
+
+    found, _ = find_by_ids(index, sorted(face_ids))
+    assert {f.face_id for f in found} == face_ids
+    log_faces(erasure.ErasureLog(erasure.default_log("index")), found)
+
+
+def bundle_ids(root: str) -> set[int]:
+    """Every face_id in the id lists and metadata of the version a bundle root's CURRENT names."""
+    index = open_index(root)
+    try:
+        ids = {int(i) for shard in index.shards for i in shard.ids}
+        meta = {
+            f for shard in index.shards for f in shard.metadata.file.read(["face_id"]).column(0).to_pylist()
+        }
+        assert ids == meta
+        return ids
+    finally:
+        index.close()
+
+
+@pytest.mark.parametrize("shards", [None, 2], ids=["as-is", "resharded"])
+def test_an_export_leaves_out_the_faces_the_log_names(work, queries, shards):
+    """Faces logged for erasure (the sweep not yet run: the index still holds them) never reach an
+    export: not in its FAISS files, id lists, metadata or float16 store."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    index = open_index("index")
+    ids, vectors = erased_faces(work, queries["img5"])
+    others = {p: matches(index, queries[p]) for p in OTHERS}
+    log_only(index, ids)
+    assert ids <= bundle_ids("index")  # logged, not swept
+    args = ["export", "--index", "index", "--to", "exported"]
+    result = CliRunner().invoke(app, args + ([] if shards is None else ["--shards", str(shards)]))
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(app, ["verify", "exported"]).exit_code == 0
+    exported = open_index("exported")  # its own root: no erasure log filters it
+    assert exported.ntotal == index.ntotal - len(ids)
+    assert len(exported.shards) == (shards or len(index.shards))
+    assert bundle_ids("exported") == bundle_ids("index") - ids
+    assert not set(exported.search_ids(queries["img5"], exported.ntotal)[1][0]) & ids
+    assert {p: matches(exported, queries[p]) for p in OTHERS} == others
+    assert_gone(work / "exported", ids, vectors)  # every file of the export, read back
+
+
+def test_a_long_lived_index_drops_an_erasure_logged_after_it_opened(work, queries, monkeypatch):
+    """An Index kept open (a service) picks up an entry logged by another process within its recheck
+    period (docs: 10 s). The period is counted on search.time.monotonic, moved by the test."""
+    import types
+
+    import indexing.search as search
+
+    clock = [1_000.0]
+    monkeypatch.setattr(search, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    index = open_index("index")  # opened before the erasure, and kept open
+    ids = {face_id for face_id, _ in matches(index, queries["img5"])}
+    assert len(ids) >= len(PERSON)
+    others = {p: matches(index, queries[p]) for p in OTHERS}
+    log_only(open_index("index"), ids)  # another process logs the erasure
+    clock[0] += 10.0  # the documented recheck period, and not a second more
+    for photo in PERSON:
+        assert not {face_id for face_id, _ in matches(index, queries[photo])} & ids
+    assert not set(index.search_ids(queries["img5"], index.ntotal)[1][0]) & ids
+    assert {p: matches(index, queries[p]) for p in OTHERS} == others
+
+
+def test_the_run_manifest_counts_erased_faces(work, queries):
+    """After each sweep the run manifest's counts.faces_erased adds the faces it took from the
+    run's shards, and counts.faces is what the shards hold; images rows keep their n_faces."""
+    run = work / "out" / "runs" / "r1"
+    pristine_manifest = json.loads((run / "_manifest.json").read_text())
+    assert not pristine_manifest["counts"].get("faces_erased")
+    images = pq.read_table(run / "images").sort_by("source_uri")
+    index = open_index("index")
+    person = {face_id for face_id, _ in matches(index, queries["img1"])}
+    other = {face_id for face_id, _ in matches(index, queries["img13"])} - person
+    assert person and other
+    total = pristine_manifest["counts"]["faces"]
+    erased = 0
+    for ids in (person, other):  # two erasures: the count adds up
+        found, _ = find_by_ids(open_index("index"), sorted(ids))
+        report = erase("index", found)
+        assert report.run_faces_removed == len(ids)
+        erased += len(ids)
+        manifest = json.loads((run / "_manifest.json").read_text())
+        assert manifest["counts"]["faces_erased"] == erased
+        assert manifest["counts"]["faces"] == total - erased == faces_table(work).num_rows
+        assert manifest["counts"]["images"] == pristine_manifest["counts"]["images"]
+        assert pq.read_table(run / "images").sort_by("source_uri").equals(images)
+
+
+@pytest.mark.parametrize("flag", ["--image-sha256", "--source-uri"])
+def test_erase_by_image_takes_that_image_and_nothing_else(work, flag):
+    """`erase --image-sha256` / `--source-uri` remove every face of the one image (here the two of
+    couple.jpg) from the runs, the index and the export, and leave every other face as it was."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    faces = faces_table(work)
+    rows = faces.to_pylist()
+    target = [r for r in rows if Path(r["source_uri"]).name == "couple.jpg"]
+    gone = {r["face_id"] for r in target}
+    assert len(gone) == 2
+    value = target[0]["image_sha256"] if flag == "--image-sha256" else target[0]["source_uri"]
+    kept = sorted((r for r in rows if r["face_id"] not in gone), key=lambda r: r["face_id"])
+    index_ids, export_ids = bundle_ids("index"), bundle_ids("export")
+    assert gone <= index_ids and gone <= export_ids
+    images = pq.read_table(work / "out" / "runs" / "r1" / "images").sort_by("source_uri")
+    result = CliRunner().invoke(
+        app, ["erase", "--index", "index", "--export", "export", flag, value, "--yes", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{\n") :])
+    assert report["run_faces_removed"] == 2
+    after = sorted(faces_table(work).to_pylist(), key=lambda r: r["face_id"])
+    assert after == kept  # every other face row untouched, in the run shards
+    assert pq.read_table(work / "out" / "runs" / "r1" / "images").sort_by("source_uri").equals(images)
+    assert bundle_ids("index") == index_ids - gone and bundle_ids("export") == export_ids - gone
+    index = open_index("index")
+    vectors = np.asarray([r["embedding"] for r in kept], dtype=np.float32)
+    top = index.search_ids(vectors, 1)[1][:, 0]
+    assert top.tolist() == [r["face_id"] for r in kept]  # every other face is still found, as itself
+    lost = np.asarray([r["embedding"] for r in target], dtype=np.float32)
+    assert not set(index.search_ids(lost, index.ntotal)[1].ravel().tolist()) & gone
+
+
 def test_an_erasure_logged_during_a_build_is_swept_before_current_moves(work, queries, monkeypatch):
     """An eraser that logs after a build read the log waits for the build's sweep lock; the build
     sweeps the entry itself before CURRENT moves, so the new version never serves the faces."""
@@ -253,30 +384,58 @@ def test_an_erasure_logged_during_a_build_is_swept_before_current_moves(work, qu
     assert not (work / "index" / "_erase.lock").exists()
 
 
-def test_erasure_sweeps_of_one_index_take_turns(work):
+def test_erasure_sweeps_of_one_index_take_turns(work, monkeypatch):
+    """A second sweep finds the lock held, waits, and gets it only once the first let it go. Driven
+    by events: sweep_lock's pause between tries returns when the first holder has released."""
     import threading
-    import time
+    import types
 
+    from pipelines.core import locks
     from pipelines.core.errors import FatalError
     from pipelines.core.locks import sweep_lock
 
-    held, order = threading.Event(), []
+    held, release, waiting, released = (threading.Event() for _ in range(4))
+    order: list[str] = []
+    errors: list[BaseException] = []
+    clock = [0.0]  # sweep_lock's clock: moves only by its own pauses, so a wait never times out early
+
+    def pause(seconds: float) -> None:  # sweep_lock's sleep between tries
+        waiting.set()
+        clock[0] += seconds
+        assert released.wait(60), "the first holder never released the lock"
+
+    monkeypatch.setattr(locks, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=pause))
 
     def first():
         with sweep_lock("index"):
             held.set()
-            time.sleep(1.5)
+            assert release.wait(60)
             order.append("first done")
+        released.set()
 
-    thread = threading.Thread(target=first)
-    thread.start()
-    held.wait(10)
+    def second():
+        try:
+            with sweep_lock("index"):  # waits for the first
+                order.append("second")
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            errors.append(exc)
+        finally:
+            waiting.set()  # a second that ends without waiting must not leave the test waiting
+
+    one = threading.Thread(target=first)
+    one.start()
+    assert held.wait(60)
     with pytest.raises(FatalError, match="an erasure sweep is in progress"):
         with sweep_lock("index", wait_s=0):
             pass
-    with sweep_lock("index"):  # waits for the first
-        order.append("second")
-    thread.join()
+    two = threading.Thread(target=second)
+    two.start()
+    assert waiting.wait(60)  # the second tried, found the lock held and is waiting
+    assert not errors and order == []
+    release.set()
+    one.join()
+    two.join()
+    assert not errors, errors
     assert order == ["first done", "second"]
     assert not (work / "index" / "_erase.lock").exists()
 

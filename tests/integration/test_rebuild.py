@@ -25,7 +25,7 @@ from indexing import open_index
 from pipelines.cli import app
 from pipelines.core import storage
 from pipelines.core.config import DecodeConfig
-from pipelines.core.locks import LOCK_NAME
+from pipelines.core.locks import LOCK_NAME, SWEEP_LOCK
 from pipelines.rebuild.config import RebuildConfig
 from pipelines.rebuild.driver import rebuild
 from tests.gcs_emulator import gcs_emulator  # noqa: F401 - the session's fake-gcs-server
@@ -182,15 +182,70 @@ def test_rebuild_on_ray_and_beam_embeds_only_new_images(tmp_path, pool, engine):
     assert face_ids(root / "index") == before | {f["face_id"] for f in new_faces}
 
 
-def test_killed_rebuild_keeps_the_previous_version(tmp_path, base, pool):
+# Where a rebuild is killed, by stage: (stage, kill point, images the next rebuild decodes). The
+# kill points are pipelines.core.faults checkpoints; "test.rebuild.checked" is one this test adds
+# (CHECKED_WRAPPER), since the driver's check step has none of its own.
+REBUILD_KILLS = [
+    ("ingest", "unit.after_faces_shard", 3),  # gamma's unit: faces shard committed, images not
+    ("ingest", "run.before_manifest", 0),  # every unit committed, the run manifest not written
+    ("build", "index.shard_written", 0),  # the new version's shard files written, no manifest
+    ("build", "rebuild.before_manifest", 0),  # every bundle file written, no manifest
+    ("checks", "test.rebuild.checked", 0),  # the new version opened and checked, not published
+    ("current", "rebuild.before_current", 0),  # checked and caught up, CURRENT not moved
+    ("current", "index.move_current", 0),  # inside move_current: CURRENT read, not yet written
+]
+
+# `python -m pipelines` with a kill point at the end of the driver's check step
+CHECKED_WRAPPER = """
+import sys
+import pipelines.rebuild.driver as driver
+from pipelines.core.faults import checkpoint
+from pipelines.cli import main
+
+checked = driver.version_problems
+
+def version_problems(*args, **kwargs):
+    problems = checked(*args, **kwargs)
+    checkpoint("test.rebuild.checked")
+    return problems
+
+driver.version_problems = version_problems
+sys.argv = ["faceaudit", *sys.argv[1:]]
+main()
+"""
+
+
+def search_all(index_root: Path, queries: np.ndarray) -> tuple[str, list]:
+    """(the version served, the top 5 of every query), through open_index as a consumer would."""
+    index = open_index(str(index_root))  # checks every file's sha256 first
+    try:
+        scores, ids = index.search_ids(queries, 5)
+        return index.manifest["version"], [
+            [(int(i), round(float(s), 5)) for s, i in zip(rs, ri, strict=True)]
+            for rs, ri in zip(scores, ids, strict=True)
+        ]
+    finally:
+        index.close()
+
+
+@pytest.mark.parametrize("stage,point,decoded", REBUILD_KILLS, ids=[f"{s}-{p}" for s, p, _ in REBUILD_KILLS])
+def test_killed_rebuild_keeps_the_previous_version(tmp_path, base, pool, stage, point, decoded):
+    """A rebuild SIGKILLed at any of its stages leaves the previous version serving (CURRENT
+    unchanged, open_index finds the same faces), and the next rebuild resumes its ingest run and
+    publishes."""
     root = tmp_path / "kill"
     shutil.copytree(base / "registry", root / "registry")
     shutil.copytree(base / "index", root / "index")
     before = current(root)
-    dataset(root, "gamma", pool[6:8])
-    env = {**os.environ, "FACEAUDIT_KILL_AT": "rebuild.before_current"}
+    queries = queries_from(base)
+    served = search_all(root / "index", queries)
+    old_faces = face_ids(root / "index")
+    dataset(root, "gamma", pool[7:10])  # one unit: a photo without a face and two with one each
+    env = {**os.environ, "FACEAUDIT_KILL_AT": point}
+    env.pop("FACEAUDIT_KILL_ONCE", None)
+    entry = ["-c", CHECKED_WRAPPER] if point == "test.rebuild.checked" else ["-m", "pipelines"]
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines", *cli_args(root)],
+        [sys.executable, *entry, *cli_args(root)],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -199,16 +254,27 @@ def test_killed_rebuild_keeps_the_previous_version(tmp_path, base, pool):
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert current(root) == before  # the killed rebuild's version never became CURRENT
-    assert len(face_ids(root / "index")) > 0
+    assert search_all(root / "index", queries) == served  # the same version serves the same faces
+    assert face_ids(root / "index") == old_faces
     assert (root / "index" / LOCK_NAME).exists()  # left by the dead process
-    orphans = [p.name for p in (root / "index").iterdir() if p.name[:8].isdigit() and p.name > before]
-    assert len(orphans) == 1
+    killed_runs = sorted((root / "work" / "runs").iterdir())
+    assert len(killed_runs) == 1  # the killed rebuild's ingest run, never committed or committed
+    if stage == "ingest":
+        assert not (killed_runs[0] / "_manifest.json").exists()
+    dead = [p.name for p in (root / "index").iterdir() if p.name[:8].isdigit() and p.name > before]
+    assert len(dead) == (0 if stage == "ingest" else 1)  # the killed rebuild's version folder
 
-    state = rebuild(config(root))  # takes over the dead process's lock, resumes its committed run
-    assert state.status == "published" and state.analyzed == 0
+    state = rebuild(config(root))  # takes over the dead process's locks, resumes its run
+    assert state.status == "published" and state.analyzed == decoded
+    assert sorted((root / "work" / "runs").iterdir()) == killed_runs  # the same run, resumed
     assert current(root) == state.version.version != before
-    assert orphans[0] in state.gc.deleted_versions
+    new_faces = face_ids(root / "index")
+    gamma = {f["face_id"] for f in read_table(killed_runs[0], "faces").to_pylist()}
+    assert len(gamma) == 2 and new_faces == old_faces | gamma
     assert not (root / "index" / LOCK_NAME).exists()
+    assert not (root / "index" / SWEEP_LOCK).exists()
+    if stage in ("checks", "current"):  # a committed version that never became CURRENT goes
+        assert dead[0] in state.gc.deleted_versions
 
 
 def test_two_rebuilds_at_once(tmp_path, base, pool):

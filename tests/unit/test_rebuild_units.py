@@ -207,13 +207,22 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
     taker.release()
 
 
-def test_a_renewing_holder_keeps_its_lock(tmp_path):
+def test_a_renewing_holder_keeps_its_lock(tmp_path, monkeypatch):
+    from pipelines.core import locks
+
+    now = [dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)]
+    monkeypatch.setattr(locks, "now_utc", lambda: now[0])  # the lock's clock, moved by the test
     index = str(tmp_path / "index")
     lock = RebuildLock(index, ttl_s=60, renew=False)
     lock.acquire()
     before = lock.info.expires_at
+    now[0] += dt.timedelta(seconds=45)
     lock.refresh()
-    assert lock.info.expires_at >= before and not lock.lost
+    assert dt.datetime.fromisoformat(lock.info.expires_at) == now[0] + dt.timedelta(seconds=60)
+    assert read_lock(index).expires_at == lock.info.expires_at > before and not lock.lost
+    now[0] += dt.timedelta(seconds=30)  # past the expiry it was taken with, not the renewed one
+    with pytest.raises(LockHeld):
+        RebuildLock(index, ttl_s=60, renew=False).acquire()
     lock.check()
     lock.release()
 
