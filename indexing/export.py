@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from pipelines.core import erasure, storage
 from pipelines.core.errors import ConfigError
+from pipelines.core.names import check_name
 
 from . import bundle, erase, signing
 from .errors import IntegrityError
@@ -75,7 +76,7 @@ def export(
 ) -> ExportResult:
     """Copy the version CURRENT names (or ``version``) of ``index`` to ``to`` and move ``to``'s CURRENT.
     The manifest is signed with the active signing key (``signing.signing_with``), if any."""
-    source = storage.join(index, version) if version else index
+    source = storage.join(index, check_name(version, "version")) if version else index
     folder, manifest = verify_bundle(source, public_key)
     name = manifest["version"]
     target = storage.join(to, name)

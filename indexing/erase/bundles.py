@@ -246,12 +246,6 @@ def upload_new(folder: str, staging: str, body: dict, old: dict) -> None:
                 storage.write_atomic(storage.join(folder, entry["file"]), f.read())
 
 
-BUNDLE_FILE = re.compile(
-    r"^(shard-\d+(\.e\d+)?\.(faissindex|ivfdata)|metadata/part-\d+(\.e\d+)?\.parquet"
-    r"|store/(ids|vectors)-\d+(\.e\d+)?\.npy)$"
-)
-
-
 def delete_unlisted(folder: str, manifest: dict, report: Report) -> None:
     """Bundle files in the version folder that its manifest no longer lists (old revisions, files of
     an interrupted attempt) and temporary files; anything else there is left alone."""
@@ -262,7 +256,7 @@ def delete_unlisted(folder: str, manifest: dict, report: Report) -> None:
         rel = path[len(base) :] if path.startswith(base) else None
         if rel is None or rel in listed:
             continue
-        if BUNDLE_FILE.match(rel) or storage.TMP_MARK in rel:
+        if bundle.BUNDLE_FILE.match(rel) or storage.TMP_MARK in rel:
             uri = storage.join(folder, rel)
             storage.remove(uri)
             report.files_deleted += 1

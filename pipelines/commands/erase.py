@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from indexing import signing
 from indexing.erase import Found, Report, erase, find_by_ids, find_by_photos, index_root
 from indexing.search import open_index
 from pipelines.core import erasure
@@ -55,6 +56,14 @@ def erase_command(
         float | None,
         typer.Option(help="cosine similarity for a match (default: the model's calibrated threshold)"),
     ] = None,
+    public_key: Annotated[
+        str | None,
+        typer.Option(help="refuse an index not signed by this Ed25519 public key (or FACEAUDIT_PUBLIC_KEY)"),
+    ] = None,
+    signing_key: Annotated[
+        str | None,
+        typer.Option(help="re-sign the manifests the erasure rewrites (or FACEAUDIT_SIGNING_KEY)"),
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="erase without asking")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print what was done as JSON")] = False,
 ) -> None:
@@ -65,7 +74,8 @@ def erase_command(
     export honours. Run it again after an interruption: it finishes what was left."""
     log = erasure_log or erasure.default_log(index_root(index))
     try:
-        idx = open_index(index, erasure_log=log)
+        key = signing.signing_key(signing_key)  # a bad key file fails before anything is done
+        idx = open_index(index, erasure_log=log, public_key=public_key)
         found = find_by_photos(idx, photo) if photo else []
         by_id, whole = find_by_ids(idx, face_id or [], image_sha256 or [], source_uri or [])
         idx.close()
@@ -85,7 +95,8 @@ def erase_command(
     if not new_ids and not whole:
         err.print("nothing new to erase; finishing any earlier erasure that was interrupted")
     try:
-        report = erase(index, listed, face_id or [], whole, log, export or [], cache_dir or [])
+        with signing.signing_with(key):
+            report = erase(index, listed, face_id or [], whole, log, export or [], cache_dir or [])
     except FaceauditError as exc:
         fail(exc)
     print_report(report, as_json)
