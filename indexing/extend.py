@@ -33,7 +33,7 @@ import numpy as np
 from pipelines.core import erasure, orphans, storage
 from pipelines.core.errors import ConfigError
 
-from . import build, bundle, gpu
+from . import build, bundle, gc, gpu
 from . import runs as runsmod
 from .inputs import Inputs, read_positions, scan_ids, train
 from .options import BuildOptions
@@ -198,6 +198,7 @@ def build_version(
         )
     version = bundle.fresh_version(out, build.input_digest(scoped, b))
     folder = storage.join(out, version)
+    gc.clean_unpublished(out)  # a killed rebuild's version folder holds embeddings: gone before a new one
     attempts: list[dict] = []
     while True:
         watch = build.Stopwatch()

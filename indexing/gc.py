@@ -128,16 +128,19 @@ def _current(root: str) -> str | None:
 
 
 def clean_unpublished(out: str) -> None:
-    """Before an index build: delete what killed builds left under ``out``. A local build that
-    died is known by its released lock, so its folder goes at once; anything else only once
-    older than DEFAULT_OLDER_THAN (a build or an erasure elsewhere may still be writing)."""
+    """Before an index build or a rebuild's build: delete what killed builds left under ``out``.
+
+    Callers hold the index root's sweep lock (``pipelines.core.locks.sweep_lock``), under which no
+    other build, rebuild or erasure writes there, so whatever has no live writer is debris,
+    whatever its age: a version folder that never got its manifest (it holds embeddings), files a
+    committed version does not list, temporary files. A local folder whose writer still holds its
+    lock file is left alone all the same."""
     if not storage.exists(out):
         return
-    older_than = parse_duration(DEFAULT_OLDER_THAN)
     if storage.is_local(out):
         # CURRENT's temporary file is written under this lock
         with storage.folder_lock(storage.url_to_fs(out)[1]):
-            found = index_orphans(out, older_than, next_build=True)
+            found = index_orphans(out, 0, next_build=True)
     else:
-        found = index_orphans(out, older_than)
+        found = index_orphans(out, 0)
     delete(found)

@@ -273,6 +273,12 @@ def test_killed_rebuild_keeps_the_previous_version(tmp_path, base, pool, stage, 
     assert len(gamma) == 2 and new_faces == old_faces | gamma
     assert not (root / "index" / LOCK_NAME).exists()
     assert not (root / "index" / SWEEP_LOCK).exists()
+    unpublished = [
+        p.name
+        for p in (root / "index").iterdir()
+        if p.name[:8].isdigit() and not (p / "manifest.json").exists()
+    ]
+    assert unpublished == []  # a killed build's folder (it holds embeddings) never outlives the next rebuild
     if stage in ("checks", "current"):  # a committed version that never became CURRENT goes
         assert dead[0] in state.gc.deleted_versions
 
