@@ -14,6 +14,7 @@ of the source (with re-ranking, each shard contributes its own candidates, so ne
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -109,9 +110,11 @@ def copy_file(local: str, uri: str) -> None:
     """One file, whole (a temporary name then a rename locally; one upload on GCS)."""
     if storage.is_local(uri):
         path = storage.url_to_fs(uri)[1]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        storage.make_dirs(os.path.dirname(path))
         tmp = f"{path}{storage.TMP_MARK}export"
-        with open(local, "rb") as src, open(tmp, "wb") as dst:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a killed export's
+        with open(local, "rb") as src, os.fdopen(storage.create_private(tmp), "wb") as dst:
             while block := src.read(1 << 22):
                 dst.write(block)
         os.replace(tmp, path)
@@ -140,7 +143,7 @@ def reshard(local: str, manifest: dict, n_shards: int, staged: str) -> dict:
             "re-sharding a bundle with on-disk inverted lists is not supported; export it as it is"
         )
     for sub in ("metadata", "store"):
-        os.makedirs(os.path.join(staged, sub), exist_ok=True)
+        storage.make_dirs(os.path.join(staged, sub))
     old = [OldShard(local, entry) for entry in manifest["shards"]]
     all_ids = np.sort(np.concatenate([s.ids for s in old]))
     entries = [

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipelines.core import storage
 from pipelines.core.errors import ConfigError, FatalError
+from pipelines.core.names import check_name
 from pipelines.core.writer import RUN_FORMAT, is_committed
 from pipelines.core.writer import RUN_MANIFEST as MANIFEST
 
@@ -79,6 +80,7 @@ def load_run(folder: str) -> Run:
         raise FatalError(f"{storage.join(folder, MANIFEST)} is not valid JSON: {exc}") from exc
     if manifest.get("format") != RUN_FORMAT:
         raise FatalError(f"{folder}: run format {manifest.get('format')!r}, expected {RUN_FORMAT!r}")
+    check_name(manifest.get("run_id"), "run id in a run manifest")  # read back: steers no path either
     run = Run(folder, manifest, hashlib.sha256(raw).hexdigest())
     for entry in manifest.get("shards", []):
         shard = Shard(storage.join(folder, entry["file"]), entry["sha256"], int(entry["rows"]))

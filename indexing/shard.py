@@ -113,7 +113,7 @@ def scratch_dir(folder: str, k: int) -> str:
     (so the commit is a rename), else a local temporary folder (the commit is an upload)."""
     if storage.is_local(folder):
         path = storage.url_to_fs(folder)[1]
-        os.makedirs(path, exist_ok=True)
+        storage.make_dirs(path)
         return tempfile.mkdtemp(prefix=f".shard-{k}{storage.TMP_MARK}", dir=path)
     return tempfile.mkdtemp(prefix=f"faceaudit-shard-{k}-")
 
@@ -124,8 +124,8 @@ def write_shard_files(
     """Shard k's files in ``scratch``: the FAISS index (in RAM or on-disk lists), sorted ids,
     metadata and the float16 store; returns the shard's manifest entry."""
     k = task.k
-    os.makedirs(os.path.join(scratch, "metadata"), exist_ok=True)
-    os.makedirs(os.path.join(scratch, "store"), exist_ok=True)
+    storage.make_dirs(os.path.join(scratch, "metadata"))
+    storage.make_dirs(os.path.join(scratch, "store"))
     order = np.argsort(ids, kind="stable")
     entry: dict = {"shard": k, "ntotal": int(len(ids))}
     entry.update(write_faiss(scratch, k, index, task.on_disk))

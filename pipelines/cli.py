@@ -99,9 +99,10 @@ def ingest(
         if ray_address:
             job = job.model_copy(update={"ray": job.ray.model_copy(update={"address": ray_address})})
         summary = _run(job, ctx.args)
-        from .rebuild.report import run_report, write_report  # report.json/.html beside the manifest
+        if summary.seconds:  # a run that did something; a complete one keeps the report it had
+            from .rebuild.report import run_report, write_report  # report.json/.html beside the manifest
 
-        write_report(summary.uri, run_report(summary.uri, getattr(summary, "analyzed", None)))
+            write_report(summary.uri, run_report(summary.uri, getattr(summary, "analyzed", None)))
     print_run_summary(summary.manifest, summary.uri, summary.seconds, summary.resumed_units)
     typer.echo(summary.run_id)
 
@@ -122,9 +123,8 @@ class _fatal_errors:
 
     def __exit__(self, kind, exc, tb):
         if isinstance(exc, FaceauditError):
-            from .core.locks import LockHeld
+            from .core.locks import EXIT_LOCKED, LockHeld
             from .core.run import RunConflict
-            from .rebuild.cli import EXIT_LOCKED
 
             console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_LOCKED if isinstance(exc, (LockHeld, RunConflict)) else 2) from exc

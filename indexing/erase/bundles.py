@@ -105,7 +105,7 @@ def without_erased(local: str, manifest: dict, staging: str, erased: erasure.Era
             continue
         for item in bundle.bundle_files({"shards": [entry]}):
             target = os.path.join(staging, item["file"])
-            os.makedirs(os.path.dirname(target), exist_ok=True)
+            storage.make_dirs(os.path.dirname(target))
             shutil.copyfile(os.path.join(local, item["file"]), target)
         shards.append(entry)
     if not removed:
@@ -141,7 +141,7 @@ def rewrite_shard(src: str, dst: str, entry: dict, ids: np.ndarray, gone: np.nda
     new["ntotal"] = int(index.ntotal)
     for key in ("index", "ids", "metadata", "vectors", "ivfdata"):
         if entry.get(key):
-            os.makedirs(os.path.dirname(os.path.join(dst, entry[key]["file"])) or dst, exist_ok=True)
+            storage.make_dirs(os.path.dirname(os.path.join(dst, entry[key]["file"])) or dst)
     if on_disk:
         name = revised(entry["ivfdata"]["file"], revision)
         path = os.path.join(dst, name)
@@ -172,6 +172,7 @@ def commit_file(folder: str, name: str, write) -> dict:
         write(tmp)
         if not os.path.exists(tmp) and os.path.exists(tmp + ".npy"):
             os.replace(tmp + ".npy", tmp)  # np.save appends .npy to a name without it
+        storage.make_private(tmp)  # written by faiss, numpy or pyarrow with the default mode
         os.replace(tmp, final)
     finally:
         for leftover in (tmp, tmp + ".npy"):

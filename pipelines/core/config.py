@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import ConfigError
+from .names import check_name
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 
@@ -204,6 +205,11 @@ class JobConfig(Strict):
         default_factory=list,
         description="folders or gs:// prefixes every data set's URI list may name besides its own folder",
     )
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "run id")
 
     @model_validator(mode="after")
     def _share_roots(self) -> JobConfig:

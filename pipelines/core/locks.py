@@ -30,6 +30,7 @@ from . import storage
 from .errors import FaceauditError, FatalError
 
 LOCK_NAME = "_rebuild.lock"
+EXIT_LOCKED = 3  # a command whose lock another process holds: a scheduler may try again later
 DEFAULT_TTL_S = 3600
 SWEEP_LOCK = "_erase.lock"  # under the index root while a sweep (or a build) runs
 SWEEP_WAIT_S = 900.0  # how long an eraser or a build waits for another sweep to finish

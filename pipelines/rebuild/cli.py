@@ -10,9 +10,7 @@ from pipelines.commands.common import fail as _fail
 from pipelines.commands.common import out
 from pipelines.commands.index import PUBLIC_KEY_HELP, SIGNING_KEY_HELP
 from pipelines.core.errors import ConfigError, FaceauditError
-from pipelines.core.locks import LockHeld
-
-EXIT_LOCKED = 3  # another rebuild holds the lock: a scheduler may simply try again later
+from pipelines.core.locks import EXIT_LOCKED, LockHeld
 
 
 def rebuild(
