@@ -40,7 +40,7 @@ from tests.hostile import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-TIME_BOUND_S = 120  # the whole CLI run, worker start-up and model loads included, on 2 busy cores
+TIME_BOUND_S = 120  # a hang guard for the whole CLI run (its subprocess timeout is 3x this), not a bound
 # decode.memory_limit_mb of the run: a dlib worker peaks at about 450 MB of address space on
 # these photos. Kept low, so that the out-of-memory image fails after touching little memory.
 MEMORY_LIMIT_MB = 640
@@ -156,7 +156,7 @@ def hostile_cli_run(tmp_path_factory, faces_dir):
                 "max_pixels": MAX_PIXELS,
                 "test_hooks": True,
             },
-            "http": {"timeout_s": 1, "retries": 0, "max_bytes": 8 << 20},
+            "http": {"timeout_s": 1, "retries": 0, "max_bytes": 8 << 20, "allow_networks": ["127.0.0.0/8"]},
         }
         (root / "job.yaml").write_text(yaml.safe_dump(job))
         run = _measured(["ingest", "--config", str(root / "job.yaml"), "--no-progress"], root)
@@ -209,14 +209,15 @@ def _rows(run: Path) -> dict[str, dict]:
     return rows
 
 
-def test_every_hostile_input_is_one_error_row_within_time_and_memory(hostile_cli_run, faces_dir):
+def test_every_hostile_input_is_one_error_row_within_its_limits(hostile_cli_run, faces_dir):
     run = hostile_cli_run
     assert run["returncode"] == 0, run["stderr"][-3000:]
     print(
         f"hostile CLI run: {run['seconds']:.1f} s, peak RSS: workers {run['peak_rss_mb']:.0f} MB, "
         f"driver {run['driver_rss_mb']:.0f} MB"
     )
-    assert run["seconds"] < TIME_BOUND_S
+    # No wall-clock bound (a busy machine would flake it): each time limit shows as its own error
+    # row below ("timed out", "decode timed out after 5 s"), and the subprocess timeout catches a hang.
     # No bound on the workers' RSS: RLIMIT_AS (MEMORY_LIMIT_MB) guarantees one by itself. What the
     # limit is for, oom.png failing alone, is checked below and in test_runs_memory_limit.py.
     assert 0 < run["driver_rss_mb"] < MEMORY_LIMIT_MB  # it streams the sources: no image piles up
