@@ -32,7 +32,7 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.faults import checkpoint
 from pipelines.core.locks import sweep_lock
 
-from . import bundle, erase, gc, gpu
+from . import bundle, download, erase, gc, gpu
 from . import runs as runsmod
 from .bundle import BUILD_DIR
 from .inputs import Inputs, pieces_for, scan_ids, shard_bounds, train
@@ -233,7 +233,7 @@ def measure_recall(
         "version": folder.rsplit("/", 1)[-1],
     }
     with tempfile.TemporaryDirectory(prefix="faceaudit-recall-") as cache:
-        local = bundle.local_copy(folder, draft, cache)  # the folder itself when it is local
+        local = download.local_copy(folder, draft, cache)  # the folder itself when it is local
         index = Index(draft, local)
         try:
             exact10 = drop_self(truth.ids, query_ids, 10)

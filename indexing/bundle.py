@@ -8,7 +8,7 @@ caught before faiss or pyarrow reads anything. ``<index>/CURRENT`` names the ver
 The checksum is unkeyed: whoever can write the bucket can reseal a manifest. So nothing read from a
 manifest is trusted to steer a path or a size: the version and file names must match their
 patterns (``check_names``), downloads land in a temporary folder inside the cache and are renamed
-into place only once every sha256 matches (``local_copy``), every declared size is checked against
+into place only once every sha256 matches (``download.local_copy``), every declared size is checked against
 the file before faiss, numpy or pyarrow parses it (``check_declared``), and ``match_threshold``
 must lie in (0, 1). Who built a bundle is established by its Ed25519 signature (``signing.py``).
 """
@@ -20,9 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
-import struct
-import tempfile
 import time
 from collections.abc import Iterator
 
@@ -35,6 +32,7 @@ from pipelines.core.names import BadName, check_name, is_name
 
 from . import signing
 from .errors import IntegrityError
+from .faiss_check import FaissCheck
 
 FORMAT = "faceaudit.index/1"
 MANIFEST = "manifest.json"
@@ -58,8 +56,6 @@ FILE_KEYS = {  # shard entry key -> the file kind it must name
     "vectors": ".npy",
 }
 SHA256 = re.compile(r"[0-9a-f]{64}")
-PARTIAL = ".partial-"  # a download in progress inside the cache folder
-PARTIAL_STALE_S = 24 * 3600
 
 
 def new_version(input_digest: str) -> str:
@@ -202,7 +198,7 @@ def verify(folder: str, manifest: dict) -> None:
     (``check_declared``), then its sha256; name the first bad one."""
     check_declared(folder, manifest)
     for entry in bundle_files(manifest):
-        if storage.sha256_file(_inside(folder, entry["file"])) != entry["sha256"]:
+        if storage.sha256_file(inside_folder(folder, entry["file"])) != entry["sha256"]:
             raise IntegrityError(entry["file"], "sha256 does not match the manifest")
 
 
@@ -226,7 +222,7 @@ def verify_in_place(folder: str, manifest: dict) -> None:
 def check_sizes(folder: str, manifest: dict) -> None:
     """Each listed file exists in the local ``folder`` and has the size the manifest declares."""
     for entry in bundle_files(manifest):
-        path = _inside(folder, entry["file"])
+        path = inside_folder(folder, entry["file"])
         if not os.path.isfile(path):
             raise IntegrityError(entry["file"], "missing")
         size = os.path.getsize(path)
@@ -248,11 +244,11 @@ def check_declared(folder: str, manifest: dict) -> None:
         if shard.get("index"):
             ivfdata = shard.get("ivfdata") or None
             FaissCheck(
-                _inside(folder, shard["index"]["file"]),
+                inside_folder(folder, shard["index"]["file"]),
                 shard["index"]["file"],
                 dim,
                 ntotal,
-                _inside(folder, ivfdata["file"]) if ivfdata else None,
+                inside_folder(folder, ivfdata["file"]) if ivfdata else None,
             ).run()
         if shard.get("ids"):
             check_npy(folder, shard["ids"]["file"], np.dtype("<i8"), (ntotal,))
@@ -263,7 +259,7 @@ def check_declared(folder: str, manifest: dict) -> None:
 def check_npy(folder: str, name: str, dtype: np.dtype, shape: tuple) -> None:
     """A .npy file holds one C-ordered array of ``dtype`` whose declared shape (``None`` in
     ``shape``: any) exactly fills the file after its header."""
-    path = _inside(folder, name)
+    path = inside_folder(folder, name)
     try:
         with open(path, "rb") as f:
             major, _ = np.lib.format.read_magic(f)
@@ -279,221 +275,6 @@ def check_npy(folder: str, name: str, dtype: np.dtype, shape: tuple) -> None:
     need = header + math.prod(got_shape) * dtype.itemsize
     if need != os.path.getsize(path):
         raise IntegrityError(name, f"declares {need} bytes, the file has {os.path.getsize(path)}")
-
-
-def _increasing_below(values: np.ndarray, bound: int) -> bool:
-    return bool(np.all(values < bound) and np.all(np.diff(values.astype(object)) > 0))
-
-
-class FaissCheck:
-    """Walk a FAISS index file as faiss's reader would, without faiss: every vector length, list
-    size and offset must fit in the bytes left in the file (or in the .ivfdata file), and the
-    structure must be one a faceaudit build writes (IDMap,Flat; IVF Flat, PQ and fast-scan PQ,
-    optionally behind OPQ; inner product; lists in the file or on disk), its dim and ntotal those
-    of the manifest. Format: faiss/impl/index_read.cpp (v1.15)."""
-
-    MAX_DIM = 1 << 20
-    TOP = ("IxMp", "IwFl", "IwPf", "IwPQ", "IxPT")
-    IVF = ("IwFl", "IwPf", "IwPQ")
-
-    def __init__(self, path: str, name: str, dim: int | None, ntotal: int | None, ivfdata: str | None):
-        self.path, self.name, self.dim, self.ntotal, self.ivfdata = path, name, dim, ntotal, ivfdata
-        self.size = os.path.getsize(path)
-        self.ivfdata_used = False
-
-    def run(self) -> None:
-        with open(self.path, "rb") as self.f:
-            d, ntotal = self.index(self.TOP)
-            if self.left:
-                self.fail(f"{self.left} bytes follow the index")
-        if self.dim is not None and d != self.dim:
-            self.fail(f"dim {d}, the manifest says {self.dim}")
-        if self.ntotal is not None and ntotal != self.ntotal:
-            self.fail(f"holds {ntotal} vectors, the manifest says {self.ntotal}")
-        if self.ivfdata and not self.ivfdata_used:
-            self.fail("the manifest lists an .ivfdata file that the index does not use")
-
-    def fail(self, why: str) -> None:
-        raise IntegrityError(self.name, f"{why} (at byte {self.f.tell()})")
-
-    # ---- primitives, each bounded by the bytes left
-    @property
-    def left(self) -> int:
-        return self.size - self.f.tell()
-
-    def take(self, n: int, what: str) -> bytes:
-        if n > self.left:
-            self.fail(f"{what} declares {n} bytes, {self.left} are left")
-        return self.f.read(n)
-
-    def skip(self, n: int, what: str) -> None:
-        if n > self.left:
-            self.fail(f"{what} declares {n} bytes, {self.left} are left")
-        self.f.seek(n, os.SEEK_CUR)
-
-    def read(self, fmt: str, what: str) -> tuple:
-        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt), what))
-
-    def one(self, fmt: str, what: str) -> int:
-        return self.read(fmt, what)[0]
-
-    def tag(self, what: str) -> str:
-        return self.take(4, what).decode("latin-1")
-
-    def vector(self, item: int, what: str) -> int:
-        """A faiss vector: a uint64 count, then count items; skipped. Returns the count."""
-        n = self.one("Q", what)
-        self.skip(n * item, what)
-        return n
-
-    def array(self, dtype: str, what: str) -> np.ndarray:
-        """A faiss vector read into memory (bounded by the file, like everything here)."""
-        n = self.one("Q", what)
-        return np.frombuffer(self.take(n * np.dtype(dtype).itemsize, what), dtype=dtype)
-
-    # ---- structure
-    def header(self) -> tuple[int, int]:
-        d, ntotal, _, _, trained, metric = self.read("iqqqBi", "index header")
-        if not 0 < d <= self.MAX_DIM or ntotal < 0 or trained > 1:
-            self.fail(f"header declares dim {d}, ntotal {ntotal}")
-        if metric != 0:  # METRIC_INNER_PRODUCT; faceaudit writes nothing else
-            self.fail(f"metric {metric}, not inner product")
-        return d, ntotal
-
-    def index(self, allowed: tuple[str, ...]) -> tuple[int, int]:
-        kind = self.tag("index type")
-        if kind not in allowed:
-            self.fail(f"index type {kind!r} is not one faceaudit writes here")
-        d, ntotal = self.header()
-        if kind == "IxFI":
-            if self.one("Q", "flat codes") != ntotal * d:  # counted in 4-byte floats
-                self.fail(f"flat codes do not hold {ntotal} vectors of dim {d}")
-            self.skip(ntotal * d * 4, "flat codes")
-        elif kind == "IxMp":
-            sub_d, sub_n = self.index(("IxFI",))
-            if (sub_d, sub_n) != (d, ntotal) or self.vector(8, "id map") != ntotal:
-                self.fail("the id map does not match its index")
-        elif kind == "IxPT":
-            if self.one("i", "transform count") != 1:
-                self.fail("not one OPQ rotation")
-            self.linear_transform(d)
-            sub_d, sub_n = self.index(self.IVF)
-            if sub_n != ntotal or sub_d != self.d_out:
-                self.fail("the transformed index does not match its transform")
-        else:
-            self.ivf(kind, d, ntotal)
-        return d, ntotal
-
-    def linear_transform(self, d: int) -> None:
-        if self.tag("transform type") != "LTra" or self.one("B", "bias flag") > 1:
-            self.fail("transform is not an OPQ rotation")
-        a = self.vector(4, "rotation")
-        b = self.vector(4, "bias")
-        d_in, d_out, trained = self.read("iiB", "transform dims")
-        if d_in != d or not 0 < d_out <= self.MAX_DIM or a != d_in * d_out or b > d_out or trained > 1:
-            self.fail(f"rotation of {a} floats for {d_in} -> {d_out}")
-        self.d_out = d_out
-
-    def ivf(self, kind: str, d: int, ntotal: int) -> None:
-        nlist, _nprobe = self.read("QQ", "nlist")
-        q_d, q_n = self.index(("IxFI",))
-        if q_d != d or q_n != nlist or nlist < 1:
-            self.fail(f"the coarse quantizer holds {q_n} centroids of dim {q_d} for {nlist} lists")
-        map_type = self.one("B", "direct map")
-        if map_type > 2:
-            self.fail(f"direct map type {map_type}")
-        self.vector(8, "direct map")
-        if map_type == 2:
-            self.vector(16, "direct map table")
-        if kind == "IwFl":
-            self.lists(nlist, d * 4, ntotal)
-            return
-        by_residual, code_size = self.read("BQ", "PQ flags")
-        if by_residual > 1:
-            self.fail("bad by_residual flag")
-        if kind == "IwPf":
-            bbs, m2, _implem, _qbs2 = self.read("iQiQ", "fast-scan fields")
-            m = self.pq(d, (4,))
-            if bbs <= 0 or bbs % 32 or m2 not in (m, m + 1) or m2 % 2:
-                self.fail(f"fast-scan block {bbs}, M2 {m2} for M {m}")
-            self.block_lists(nlist, bbs, bbs * m2 // 2, ntotal)
-        else:
-            m = self.pq(d, (8,))
-            if code_size != m:
-                self.fail(f"code size {code_size} for {m} 8-bit sub-quantizers")
-            self.lists(nlist, code_size, ntotal)
-
-    def pq(self, d: int, bits: tuple[int, ...]) -> int:
-        pq_d, m, nbits = self.read("QQQ", "product quantizer")
-        if pq_d != d or m < 1 or d % m or nbits not in bits:
-            self.fail(f"product quantizer of dim {pq_d}, M {m}, {nbits} bits for dim {d}")
-        if self.vector(4, "PQ centroids") != d << nbits:
-            self.fail("PQ centroids do not match its dims")
-        return m
-
-    def lists(self, nlist: int, code_size: int, ntotal: int) -> None:
-        kind = self.tag("inverted lists")
-        got_nlist, got_code = self.read("QQ", "inverted lists header")
-        if (got_nlist, got_code) != (nlist, code_size):
-            self.fail(f"inverted lists of {got_nlist} lists of {got_code}-byte codes")
-        if kind == "ilar":
-            layout = self.tag("list layout")
-            sizes = self.array("<u8", "list sizes")
-            if layout == "full" and len(sizes) == nlist:
-                counts = sizes
-            elif layout == "sprs" and len(sizes) % 2 == 0 and _increasing_below(sizes[0::2], nlist):
-                counts = sizes[1::2]
-            else:
-                self.fail(f"list sizes of layout {layout!r}")
-            total = int(counts.sum(dtype=object)) if len(counts) else 0
-            if total != ntotal:
-                self.fail(f"lists hold {total} vectors, the index says {ntotal}")
-            self.skip(total * (code_size + 8), "inverted lists")
-        elif kind == "ilod":
-            self.ondisk_lists(nlist, code_size, ntotal)
-        else:
-            self.fail(f"inverted lists of type {kind!r}")
-
-    def block_lists(self, nlist: int, per_block: int, block_size: int, ntotal: int) -> None:
-        if self.tag("inverted lists") != "ilbl":
-            self.fail("fast-scan lists are not block lists")
-        got_nlist, _code, got_per_block, got_block = self.read("QQQQ", "block lists header")
-        if (got_nlist, got_per_block, got_block) != (nlist, per_block, block_size):
-            self.fail(f"block lists of {got_nlist} lists, {got_per_block} per {got_block}-byte block")
-        total = 0
-        for _ in range(nlist):
-            n = self.vector(8, "list ids")
-            if self.vector(1, "list codes") != -(-n // per_block) * block_size:
-                self.fail("a list's codes do not match its ids")
-            total += n
-        if total != ntotal:
-            self.fail(f"lists hold {total} vectors, the index says {ntotal}")
-
-    def ondisk_lists(self, nlist: int, code_size: int, ntotal: int) -> None:
-        count = self.one("Q", "on-disk lists")
-        if count != nlist:
-            self.fail(f"{count} on-disk lists for {nlist}")
-        lists = np.frombuffer(self.take(count * 24, "on-disk lists"), dtype="<u8").reshape(-1, 3)
-        self.vector(16, "on-disk slots")
-        length = self.one("Q", "ivfdata name")
-        if length > 4096:
-            self.fail(f"an ivfdata name of {length} bytes")
-        name = self.take(length, "ivfdata name").decode("latin-1")
-        totsize = self.one("Q", "ivfdata size")
-        if not self.ivfdata:
-            self.fail("it reads on-disk lists, but the manifest lists no .ivfdata file")
-        expected = os.path.basename(self.ivfdata)
-        if name.rsplit("/", 1)[-1] != expected:
-            self.fail(f"it names lists file {name[:80]!r}, not {expected!r}")
-        if totsize != os.path.getsize(self.ivfdata):
-            self.fail(f"it maps {totsize} bytes of {expected}, which has {os.path.getsize(self.ivfdata)}")
-        size, capacity, offset = (lists[:, i].astype(object) for i in range(3))
-        ends = offset + capacity * (code_size + 8)
-        if np.any(size > capacity) or (len(ends) and max(ends) > totsize):
-            self.fail("an on-disk list lies beyond its lists file")
-        if int(size.sum()) != ntotal:
-            self.fail(f"lists hold {int(size.sum())} vectors, the index says {ntotal}")
-        self.ivfdata_used = True
 
 
 def resolve(uri: str) -> tuple[str, str]:
@@ -549,111 +330,10 @@ def move_current(out: str, version: str) -> bool:
             continue  # another build moved it between our read and write: look again
 
 
-def local_copy(folder: str, manifest: dict, cache_dir: str) -> str:
-    """A local folder holding the bundle's files: ``folder`` itself, or a verified download cache.
-
-    A remote bundle is copied to ``<cache_dir>/<version>/``, the version name and every file name
-    checked first and every path resolved inside the cache (symbolic links included). Each file is
-    fetched (at most its declared bytes) into a temporary folder in the cache, which is renamed into
-    place only once every size and sha256 matches the manifest; a copy already in place is used
-    only after the same check."""
-    if storage.is_local(folder):
-        return storage.url_to_fs(folder)[1]
-    version = check_version(manifest)
-    entries = list(bundle_files(manifest))
-    for entry in entries:
-        check_entry(entry)
-    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-    cache = os.path.realpath(cache_dir)
-    target = _inside(cache, version)
-    if os.path.isdir(target):
-        try:
-            verify(target, manifest)
-            return target
-        except IntegrityError:
-            pass  # an older or damaged copy: fetched again below, its good files reused
-    _sweep_partials(cache)
-    staging = tempfile.mkdtemp(prefix=f"{PARTIAL}{version}-", dir=cache)
-    try:
-        for entry in entries:
-            path = _inside(staging, entry["file"])
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            if not _reuse(_inside(cache, version, entry["file"]), path, entry):
-                _fetch(storage.join(folder, entry["file"]), path, entry)
-        verify(staging, manifest)
-        _move_into_place(staging, target, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _inside(base: str, *parts: str) -> str:
+def inside_folder(base: str, *parts: str) -> str:
     """``base/parts...`` when its real path lies inside the real ``base``; IntegrityError otherwise."""
     root = os.path.realpath(base)
     path = os.path.realpath(os.path.join(root, *parts))
     if path == root or not path.startswith(root.rstrip(os.sep) + os.sep):
         raise IntegrityError("/".join(parts), f"resolves outside {base}; refusing to touch it")
     return path
-
-
-def _reuse(old: str, path: str, entry: dict) -> bool:
-    """Hard-link a file of an earlier copy into the new one when its size and sha256 still match."""
-    try:
-        if not os.path.isfile(old) or os.path.getsize(old) != entry["bytes"]:
-            return False
-        if storage.sha256_file(old) != entry["sha256"]:
-            return False
-        os.link(old, path)
-        return True
-    except OSError:
-        return False
-
-
-def _fetch(uri: str, path: str, entry: dict, chunk: int = 1 << 22) -> None:
-    """Download ``uri`` to ``path``, refusing it once it is longer than the manifest declares."""
-    size = storage.size(uri)
-    if size != entry["bytes"]:
-        raise IntegrityError(entry["file"], f"{size} bytes, the manifest says {entry['bytes']}")
-    fs, remote = storage.url_to_fs(uri)
-    left = entry["bytes"]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with fs.open(remote, "rb") as src, os.fdopen(fd, "wb") as dst:
-        while block := src.read(min(chunk, left + 1)):
-            left -= len(block)
-            if left < 0:
-                raise IntegrityError(
-                    entry["file"], f"longer than the {entry['bytes']} bytes the manifest says"
-                )
-            dst.write(block)
-
-
-def _move_into_place(staging: str, target: str, manifest: dict) -> None:
-    """Rename the verified ``staging`` folder to ``target``. A good copy another process put there
-    meanwhile is kept (it may be open already); a bad or older one is moved aside and removed."""
-    old = None
-    if os.path.isdir(target):
-        try:
-            verify(target, manifest)
-            return
-        except IntegrityError:
-            old = tempfile.mkdtemp(prefix=f"{PARTIAL}old-", dir=os.path.dirname(target))
-            os.rename(target, os.path.join(old, "copy"))
-    try:
-        os.rename(staging, target)
-    except OSError:
-        verify(target, manifest)  # a concurrent open_index finished first
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _sweep_partials(cache: str) -> None:
-    """Remove temporary download folders a killed process left in the cache (a day old)."""
-    now = time.time()
-    for name in os.listdir(cache):
-        path = os.path.join(cache, name)
-        if name.startswith(PARTIAL) and not os.path.islink(path):
-            try:
-                if now - os.path.getmtime(path) > PARTIAL_STALE_S:
-                    shutil.rmtree(path, ignore_errors=True)
-            except OSError:
-                continue

@@ -29,7 +29,7 @@ from pipelines.core import erasure, storage
 from pipelines.core.errors import ConfigError
 from pipelines.core.names import check_name
 
-from . import bundle, erase, signing
+from . import bundle, download, erase, signing
 from .errors import IntegrityError
 from .export_records import record_export
 from .faiss_io import write_faiss
@@ -86,7 +86,7 @@ def export(
     if shards is not None and shards < 1:
         raise ConfigError(f"--shards must be at least 1, not {shards}")
     with tempfile.TemporaryDirectory(prefix="faceaudit-export-") as tmp:
-        local = bundle.local_copy(folder, manifest, os.path.join(tmp, "source"))
+        local = download.local_copy(folder, manifest, os.path.join(tmp, "source"))
         bundle.verify(local, manifest)  # what was downloaded is what was verified
         # faces the source's erasure log names never leave in an export, even mid-erasure
         erased = erasure.load(erasure.default_log(bundle.root_of(folder)))

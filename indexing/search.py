@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipelines.core import erasure, storage
 
-from . import bundle, gpu, signing
+from . import bundle, download, gpu, signing
 from .errors import QueryError
 from .faiss_io import read_faiss
 from .recall import merge_topk
@@ -272,7 +272,7 @@ def open_index(
     bundle.check_version(manifest)
     bundle.check_threshold(manifest)
     cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "faceaudit", "index")
-    local = bundle.local_copy(folder, manifest, cache)  # a remote bundle: verified before it is used
+    local = download.local_copy(folder, manifest, cache)  # a remote bundle: verified before it is used
     if storage.is_local(folder):
         # sizes declared inside the files are always checked before faiss reads them; sha256 on request
         (bundle.verify if verify else bundle.check_declared)(local, manifest)

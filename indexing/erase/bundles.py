@@ -20,7 +20,7 @@ from pipelines.core import erasure, storage
 from pipelines.core.errors import FatalError
 from pipelines.core.faults import checkpoint
 
-from .. import bundle
+from .. import bundle, download
 from ..faiss_io import load_writable, move_to_ondisk
 from .report import Report
 
@@ -58,7 +58,7 @@ def sweep_bundle(folder: str, erased: erasure.ErasureSet, run_shas: dict[str, st
     then every file the manifest no longer lists. Returns the faces removed."""
     manifest = read_bundle_manifest(folder)
     with tempfile.TemporaryDirectory(prefix="faceaudit-erase-") as tmp:
-        local = bundle.local_copy(folder, manifest, os.path.join(tmp, "src"))
+        local = download.local_copy(folder, manifest, os.path.join(tmp, "src"))
         bundle.verify(local, manifest)  # never carry a damaged file into the new revision
         out = local if storage.is_local(folder) else os.path.join(tmp, "out")
         revision = int(manifest.get("erasure", {}).get("revision", 0)) + 1
