@@ -5,26 +5,17 @@ so a re-run with the same run id skips done units and redoes the rest; the manif
 last and only when every unit is done.
 
 One writer per run (``hold_run``): the driver of every engine holds the run's lock for the whole
-run (a ``flock`` on ``<run>/_run.lock`` locally, released by the kernel when the process dies; an
-``ExpiringLock`` object with a heartbeat on gs://), so a second process on the same run id stops
-with ``LockHeld`` naming the holder before it touches anything. The run's plan (data sets, their
-versions and sources, every unit's key and listing) is written once, create-only, at the run's
-first start (``<run>/_plan.json``); a later attempt with another plan stops with ``RunConflict``,
-and the clean-up of a resumed run deletes only shards that this persisted plan rules out.
+run (``run_lock.py``), so a second process on the same run id stops with ``LockHeld`` naming the
+holder before it touches anything; the run's plan (``run_plan.py``) is written once at the run's
+first start, a later attempt with another plan stops with ``RunConflict``, and the clean-up of a
+resumed run deletes only shards that this persisted plan rules out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
-import hashlib
-import json
-import os
 import secrets
-import socket
-import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,12 +24,12 @@ import pyarrow.parquet as pq
 
 from . import erasure, orphans, storage
 from .config import DatasetSpec, JobConfig
-from .errors import ConfigError, FaceauditError, FatalError
+from .errors import FatalError
 from .faults import checkpoint
-from .locks import ExpiringLock, LockHeld
 from .names import check_name
 from .records import ImageResult, RawImage, WorkUnit
-from .sources import plan_units
+from .run_lock import RunLock  # noqa: F401 - hold_run takes it; tests name it here too
+from .run_plan import RunConflict, check_plan, list_units, persist_plan, plan_body, planned_parts  # noqa: F401
 from .stages import face_rows, image_row, result_from_image_row
 from .writer import (  # noqa: F401 - is_committed and read_manifest are the engines' too
     RUN_FORMAT,
@@ -53,13 +44,6 @@ from .writer import (  # noqa: F401 - is_committed and read_manifest are the eng
     shard_info,
     write_manifest,
 )
-
-PLAN_FORMAT = "faceaudit.plan/1"
-RUN_LOCK_TTL_S = 900  # gs://: a run lock whose heartbeat stopped this long ago is stale (its holder died)
-
-
-class RunConflict(FaceauditError):
-    """The run id names a run with another plan: other data sets, versions, sources or units."""
 
 
 def new_run_id() -> str:
@@ -119,254 +103,6 @@ def hold_run(job: JobConfig) -> Iterator[RunState]:
         state = plan_run(job, run_id, listed, plan)
         state.lock = lock
         yield state
-
-
-_HELD: set[int] = set()  # descriptors of run locks this process holds
-
-
-def _close_held_in_child() -> None:
-    """A forked child must not keep its parent's run lock alive after the parent dies."""
-    for fd in _HELD:
-        with contextlib.suppress(OSError):
-            os.close(fd)  # closes the child's copy only; the parent still holds the lock
-    _HELD.clear()
-
-
-os.register_at_fork(after_in_child=_close_held_in_child)
-
-
-class RunLock:
-    """The run's exclusive lock: ``with RunLock(run_uri, run_id): ...`` or LockHeld.
-
-    Locally a ``flock`` on ``<run>/_run.lock`` (0600), which the kernel releases when the process
-    dies however it dies; the file holds the holder's ``host:pid`` for the message a second
-    process prints, and is removed on release. On gs:// an ``ExpiringLock`` object in the run
-    folder (a create-only upload with a generation precondition, an expiry renewed by a heartbeat,
-    taken over only once stale); ``check`` fails if it was taken over meanwhile.
-    """
-
-    def __init__(self, run: str, run_id: str, ttl_s: int = RUN_LOCK_TTL_S):
-        self.uri = storage.join(run, RUN_LOCK)
-        self.holder = f"ingest run {run_id}"
-        self._fd: int | None = None
-        self._remote: ExpiringLock | None = None
-        if not storage.is_local(run):
-            if not storage.is_gcs(run):
-                raise ConfigError(f"runs are written to a local folder or gs://, not {run}")
-            self._remote = ExpiringLock(run, ttl_s=ttl_s, name=RUN_LOCK, holder=self.holder)
-
-    def acquire(self) -> None:
-        if self._remote is not None:
-            self._remote.acquire()
-            return
-        path = storage.url_to_fs(self.uri)[1]
-        storage.make_dirs(os.path.dirname(path))
-        while True:
-            fd = storage.create_private(path, os.O_RDWR | os.O_CREAT)
-            if not _flock(fd):
-                holder = _read_holder(fd)
-                os.close(fd)
-                raise LockHeld(f"{self.holder} is in progress ({holder}); lock {path}")
-            if _same_file(fd, path):
-                break
-            os.close(fd)  # the holder removed the file as it let go: lock the one there now
-        host = socket.gethostname()
-        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        info = {"owner": f"{host}:{os.getpid()}", "host": host, "pid": os.getpid(), "started_at": now}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        os.fsync(fd)
-        self._fd = fd
-        _HELD.add(fd)
-
-    def check(self) -> None:
-        """Before the run's commit: FatalError if the lock was taken over (gs://, expired)."""
-        if self._remote is not None:
-            self._remote.check()
-
-    def release(self) -> None:
-        if self._remote is not None:
-            self._remote.release()
-            return
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        _HELD.discard(fd)
-        path = storage.url_to_fs(self.uri)[1]
-        try:
-            if _same_file(fd, path):
-                os.unlink(path)  # while still locked: a waiter re-checks the file it locked
-        finally:
-            os.close(fd)
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _flock(fd: int, tries: int = 5) -> bool:
-    """Take the exclusive lock without waiting for a holder; a few quick retries ride over a
-    probe (``faceaudit gc`` asks whether a run is alive by taking a shared lock for an instant)."""
-    for attempt in range(tries):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if attempt + 1 < tries:
-                time.sleep(0.05)
-    return False
-
-
-def _same_file(fd: int, path: str) -> bool:
-    try:
-        found = os.stat(path)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (mine.st_dev, mine.st_ino) == (found.st_dev, found.st_ino)
-
-
-def _read_holder(fd: int, tries: int = 20) -> str:
-    """``held by host:pid since ...`` from the lock file (its holder writes it just after locking)."""
-    for attempt in range(tries):
-        try:
-            info = json.loads(os.pread(fd, 4096, 0))
-            return f"held by {info['owner']} since {info['started_at']}; it goes when that process ends"
-        except (ValueError, TypeError, KeyError):
-            if attempt + 1 < tries:
-                time.sleep(0.05)
-    return "holder unknown"
-
-
-# ---------------------------------------------------------------- the plan
-
-
-def list_units(job: JobConfig) -> list[tuple[DatasetSpec, list[WorkUnit]]]:
-    """Every data set of the job with its work units, in job order (reads the sources only)."""
-    return [(spec, plan_units(spec, job.images_per_shard)) for spec in job.datasets]
-
-
-def plan_body(job: JobConfig, listed: list[tuple[DatasetSpec, list[WorkUnit]]]) -> dict:
-    """What a run id stands for: its data sets (name, version, source) and units (key, kind,
-    source, how many items and a digest of their list), and the images per unit."""
-    return {
-        "images_per_shard": job.images_per_shard,
-        "datasets": [
-            {
-                "name": spec.name,
-                "version": spec.version,
-                "source": units[0].source if units else spec.source,  # normalised (absolute paths)
-                "units": [_unit_entry(unit) for unit in units],
-            }
-            for spec, units in listed
-        ],
-    }
-
-
-def _unit_entry(unit: WorkUnit) -> dict:
-    listing = hashlib.sha256("\n".join(unit.items).encode()).hexdigest()
-    return {
-        "key": unit.key,
-        "kind": unit.kind,
-        "source": unit.source,
-        "items": len(unit.items),
-        "list": listing,
-    }
-
-
-def planned_parts(plan: dict) -> set[str]:
-    """The shard file names (``part-<key>.parquet``) of every unit the plan holds."""
-    return {f"part-{u['key']}.parquet" for d in plan["datasets"] for u in d["units"]}
-
-
-def persist_plan(run: str, run_id: str, plan: dict) -> dict:
-    """Write ``plan`` as the run's plan at its first start (create-only), else compare it with
-    the plan written then: RunConflict when they differ. Returns the persisted plan."""
-    uri = storage.join(run, RUN_PLAN)
-    if not storage.exists(uri):
-        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        body = {"format": PLAN_FORMAT, "run_id": run_id, "created_at": now, "plan": plan}
-        with contextlib.suppress(storage.AlreadyExists):
-            _create(uri, json.dumps(body, indent=1, sort_keys=True).encode())
-    return check_plan(run, run_id, plan)
-
-
-def check_plan(run: str, run_id: str, plan: dict) -> dict:
-    """RunConflict unless the run's persisted plan (if it has one) is ``plan``."""
-    uri = storage.join(run, RUN_PLAN)
-    if not storage.exists(uri):
-        return plan  # a run started before plans were written
-    try:
-        stored = json.loads(storage.read_bytes(uri))
-        persisted = stored["plan"]
-        if stored.get("format") != PLAN_FORMAT or not isinstance(persisted, dict):
-            raise ValueError("not a plan")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FatalError(f"{uri} is not a {PLAN_FORMAT} file ({exc}); the run cannot be checked") from exc
-    if persisted != plan:
-        raise RunConflict(_difference(run_id, persisted, plan))
-    return persisted
-
-
-def _difference(run_id: str, old: dict, new: dict) -> str:
-    """One line: how this job's plan differs from the run's."""
-
-    def names(plan: dict) -> str:
-        sets = plan["datasets"]
-        return ", ".join(d["name"] + (f" (version {d['version']})" if d["version"] else "") for d in sets)
-
-    def size(d: dict) -> str:
-        return f"{len(d['units'])} units, {sum(u['items'] for u in d['units'])} items"
-
-    old_sets, new_sets = old["datasets"], new["datasets"]
-    if [d["name"] for d in old_sets] != [d["name"] for d in new_sets]:
-        what = f"data sets {names(old)}; this job: {names(new)}"
-    elif old["images_per_shard"] != new["images_per_shard"]:
-        what = f"{old['images_per_shard']} images per shard; this job: {new['images_per_shard']}"
-    else:
-        what = "a plan of another format"
-        for a, b in zip(old_sets, new_sets, strict=True):
-            if a["version"] != b["version"]:
-                what = f"data set {a['name']} at version {a['version']!r}; this job: {b['version']!r}"
-            elif a["source"] != b["source"]:
-                what = f"data set {a['name']} from {a['source']}; this job: {b['source']}"
-            elif a != b:
-                what = f"data set {a['name']} listed as {size(a)}; its listing changed, this job: {size(b)}"
-            else:
-                continue
-            break
-    return (
-        f"run {run_id} was started with another plan ({what}); a run id names one plan: resume it "
-        "with the same data sets, versions, sources and images per shard, or give a new --run-id"
-    )
-
-
-def _create(uri: str, data: bytes) -> None:
-    """Create ``uri`` whole, failing with AlreadyExists if it is there. Locally the same
-    temporary file, fsync and hard link as ``storage.write_atomic``, outside its kill point (the
-    kill-anywhere tests count that point's visits from a run's first shard)."""
-    if not storage.is_local(uri):
-        storage.write_atomic(uri, data, create_only=True)
-        return
-    path = storage.url_to_fs(uri)[1]
-    folder = os.path.dirname(path)
-    storage.make_dirs(folder)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}{storage.TMP_MARK}{uuid.uuid4().hex}")
-    try:
-        with os.fdopen(storage.create_private(tmp), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError as exc:
-            raise storage.AlreadyExists(path) from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------- resuming
