@@ -153,9 +153,7 @@ def analyze_photo(photo: str, model, decode):
     return analyze_decoded([decode(data)], model)[0]
 
 
-def all_matches(
-    idx: Index, photo: str | Path, threshold: float | None = None, model=None
-) -> list[Hit]:
+def all_matches(idx: Index, photo: str | Path, threshold: float | None = None, model=None) -> list[Hit]:
     """Every indexed face that matches any face of the photo (k widens until the matches stop
     filling it), each with the best score it reached."""
     model = model or query_model(idx)
