@@ -17,31 +17,148 @@ from pipelines.core.errors import FatalError  # noqa: E402
 from pipelines.core.models import load_model, model_id_for  # noqa: E402
 from pipelines.core.models import onnx_session as sessions  # noqa: E402
 from pipelines.core.models.insightface_backend import find_models, model_kind  # noqa: E402
-from pipelines.core.models.insightface_detect import letterbox, letterbox_size, nms  # noqa: E402
+from pipelines.core.models.insightface_detect import (  # noqa: E402
+    anchor_centers,
+    decode,
+    letterbox,
+    letterbox_size,
+    nms,
+)
 from pipelines.core.models.insightface_pack import fetch_pack, open_pack, read_sums  # noqa: E402
 from pipelines.core.records import DecodedImage  # noqa: E402
 from tests.onnx_models import arcface_model, make_pack, scrfd_model, write_sha256sums  # noqa: E402
 
-# --- letterbox and NMS -----------------------------------------------------------------------
+# --- letterbox, anchor decoding and NMS -------------------------------------------------------
+# Expected values below are worked out by hand from insightface's rules (the arithmetic is in the
+# comments), not computed with the detector's own formulas.
+
+
+@pytest.mark.parametrize(
+    "height, width, in_w, in_h, expected",
+    [
+        # taller than the input (100/50 = 2 > 64/64): height fills, width = int(64 / 2) = 32; 64/100
+        (100, 50, 64, 64, (32, 64, 0.64)),
+        # wider (30/90 = 1/3): width fills, height = int(64 / 3) = int(21.33) = 21; 21/30 = 0.7
+        (30, 90, 64, 64, (64, 21, 0.7)),
+        # 480x640 fits 640x640 exactly by width: 640 x 480, scale 1
+        (480, 640, 640, 640, (640, 480, 1.0)),
+        # square into 640 wide x 480 high (1 > 480/640): height fills, width = 480; 480/1000
+        (1000, 1000, 640, 480, (480, 480, 0.48)),
+        # smaller than the input: upscaled, 300/200 = 1.5 <= 640/320 = 2: width 320, height 480; 480/300
+        (300, 200, 320, 640, (320, 480, 1.6)),
+        # a strip: height = int(640 * 37 / 5000) = int(4.736) = 4; scale 4/37 (rows, not columns)
+        (37, 5000, 640, 640, (640, 4, 4 / 37)),
+        # a 1-pixel strip: height int(640 / 5000) = 0 would vanish, so 1; 1/1
+        (1, 5000, 640, 640, (640, 1, 1.0)),
+        # a 1-pixel column: width int(640 / 5000) = 0 -> 1; height 640; 640/5000
+        (5000, 1, 640, 640, (1, 640, 0.128)),
+    ],
+)
+def test_letterbox_size_hand_cases(height, width, in_w, in_h, expected):
+    new_w, new_h, scale = letterbox_size(height, width, in_w, in_h)
+    assert (new_w, new_h) == expected[:2]
+    assert scale == pytest.approx(expected[2], rel=1e-12)
 
 
 def test_letterbox_size_fits_every_shape_into_the_input():
+    """Properties over many shapes: it fits, one side touches the input (unless clamped to one
+    pixel), the aspect is kept to within one pixel of the side that was rounded down, and the scale
+    maps original rows to letterboxed rows."""
     for height in range(1, 3000, 37):
         for width in (1, 2, 17, 640, 641, 1999, 5000):
             for in_w, in_h in ((640, 640), (640, 480), (320, 640)):
                 new_w, new_h, scale = letterbox_size(height, width, in_w, in_h)
                 assert 1 <= new_w <= in_w and 1 <= new_h <= in_h
                 assert new_w == in_w or new_h == in_h or min(new_w, new_h) == 1
-                assert scale == pytest.approx(new_h / height)
+                if min(new_w, new_h) > 1:
+                    # new_w / new_h == width / height up to the floor of one side
+                    assert abs(new_w * height - new_h * width) <= max(height, width)
+                assert round(height * scale) == new_h
 
 
 def test_letterbox_puts_each_image_top_left_on_black():
     images = [np.full((100, 50, 3), 200, np.uint8), np.full((30, 90, 3), 100, np.uint8)]
     batch, scales = letterbox(images, 64, 64)
     assert batch.shape == (2, 64, 64, 3) and batch.dtype == np.uint8
+    # 100 high x 50 wide -> 64 x 32 (see the hand cases): columns 0-31 image, 32-63 black
     assert (batch[0, :, :32] == 200).all() and (batch[0, :, 32:] == 0).all()
+    # 30 high x 90 wide -> 21 x 64: rows 0-20 image, 21-63 black
     assert (batch[1, :21] == 100).all() and (batch[1, 21:] == 0).all()
-    np.testing.assert_allclose(scales, [0.64, 21 / 30], rtol=1e-6)
+    np.testing.assert_allclose(scales, [0.64, 0.7], rtol=1e-6)  # 64/100, 21/30
+
+
+def test_anchor_centers_hand_case():
+    # a 2x3 grid (2 rows, 3 columns) at stride 8, two anchors per location: row by row, x first
+    centers = anchor_centers(2, 3, 8, 2)
+    expected = [
+        [0, 0], [0, 0], [8, 0], [8, 0], [16, 0], [16, 0],  # row 0
+        [0, 8], [0, 8], [8, 8], [8, 8], [16, 8], [16, 8],  # row 1
+    ]  # fmt: skip
+    assert centers.tolist() == expected
+    assert anchor_centers(1, 2, 32, 1).tolist() == [[0, 0], [32, 0]]
+
+
+def test_decode_hand_case():
+    """One stride-8 level of a 16x16 input: a 2x2 grid, two anchors per location, so 8 anchors with
+    centres (0,0) (0,0) (8,0) (8,0) (0,8) (0,8) (8,8) (8,8). Distances are in strides."""
+    scores = np.full((2, 8, 1), 0.1, np.float32)
+    boxes = np.zeros((2, 8, 4), np.float32)
+    kps = np.zeros((2, 8, 10), np.float32)
+    # image 0, anchor 5 (centre 0,8), score 0.9: distances (1, .5, 2, 1.5) x 8 = (8, 4, 16, 12)
+    # -> box (0-8, 8-4, 0+16, 8+12) = (-8, 4, 16, 20); letterbox scale 0.5 -> (-16, 8, 32, 40)
+    scores[0, 5], boxes[0, 5] = 0.9, (1, 0.5, 2, 1.5)
+    # key points (1,1) (2,2) (0,0) (-1,.5) (.25,-.5) x 8 + centre (0,8) = (8,16) (16,24) (0,8) (-8,12)
+    # (2,4); / 0.5 -> (16,32) (32,48) (0,16) (-16,24) (4,8)
+    kps[0, 5] = (1, 1, 2, 2, 0, 0, -1, 0.5, 0.25, -0.5)
+    # image 0, anchor 2 (centre 8,0), score 0.6: distances .25 x 8 = 2 -> (6, -2, 10, 2) / 0.5
+    # = (12, -4, 20, 4); key points all at the centre: (8,0) / 0.5 = (16, 0)
+    scores[0, 2], boxes[0, 2] = 0.6, (0.25, 0.25, 0.25, 0.25)
+    # image 1 (scale 1), anchor 0 (centre 0,0), score 0.7: distances 1 x 8 -> (-8, -8, 8, 8)
+    scores[1, 0], boxes[1, 0] = 0.7, (1, 1, 1, 1)
+    # a score just under the threshold is dropped
+    scores[1, 7] = 0.49
+    found = decode([scores, boxes, kps], np.array([0.5, 1.0], np.float32), 16, 16, (8,), 2, 0.5)
+    assert found.image.tolist() == [0, 0, 1]  # by image, then best first
+    np.testing.assert_allclose(found.scores, [0.9, 0.6, 0.7], rtol=1e-6)
+    np.testing.assert_allclose(found.boxes, [[-16, 8, 32, 40], [12, -4, 20, 4], [-8, -8, 8, 8]], atol=1e-5)
+    np.testing.assert_allclose(
+        found.landmarks,
+        [
+            [[16, 32], [32, 48], [0, 16], [-16, 24], [4, 8]],
+            [[16, 0]] * 5,
+            [[0, 0]] * 5,
+        ],
+        atol=1e-5,
+    )
+
+
+# NMS with insightface's pixel-inclusive areas ((x2 - x1 + 1) * (y2 - y1 + 1)):
+#   A (0,0,9,9): 10 x 10 = 100          D (0,0,9,8): 10 x 9 = 90, inside A: overlap 90/100 = 0.9
+#   B (5,0,14,9): 100; with A: 5 x 10 = 50 shared, 50 / (100 + 100 - 50) = 1/3 (without the +1:
+#     4 x 9 = 36 / (81 + 81 - 36) = 0.286); with D: 5 x 9 = 45 / (90 + 100 - 45) = 0.31
+#   C (20,20,29,29): touches nothing
+NMS_BOXES = np.array([[0, 0, 9, 9], [0, 0, 9, 8], [5, 0, 14, 9], [20, 20, 29, 29]], np.float32)  # A D B C
+NMS_SCORES = np.array([0.9, 0.85, 0.8, 0.7], np.float32)
+
+
+@pytest.mark.parametrize(
+    "threshold, kept",
+    [
+        (0.4, [0, 2, 3]),  # D (0.9 with A) goes; B (1/3) stays
+        (0.3, [0, 3]),  # B (1/3 > 0.3) goes too: only with the +1 areas (0.286 would stay)
+        (0.95, [0, 1, 2, 3]),  # nothing overlaps that much
+        (0.0, [0, 3]),  # any overlap suppresses
+    ],
+)
+def test_nms_hand_cases(threshold, kept):
+    assert nms(NMS_BOXES, NMS_SCORES, threshold).tolist() == kept
+
+
+def test_nms_ties_keep_their_order_and_scores_decide():
+    same = np.array([[0, 0, 9, 9]] * 3, np.float32)
+    assert nms(same, np.array([0.5, 0.5, 0.5], np.float32), 0.4).tolist() == [0]  # the first of a tie
+    assert nms(same, np.array([0.5, 0.7, 0.6], np.float32), 0.4).tolist() == [1]  # the best score
+    assert nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.4).tolist() == []
 
 
 def _insightface_nms(dets: np.ndarray, thresh: float) -> list[int]:
@@ -103,17 +220,54 @@ def test_runner_gives_per_image_outputs_whatever_the_graph(det_models, batch, ba
             np.testing.assert_allclose(a[i : i + 1], b, rtol=1e-5, atol=1e-6)
 
 
-def test_pixel_input_normalises_inside_the_graph(det_models):
+def _identity_nchw_model():
+    """A graph whose output is its NCHW float input, so that the wrapper's work can be read off."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["n", 3, "h", "w"])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 3, "h", "w"])
+    graph = helper.make_graph([helper.make_node("Identity", ["input.1"], ["out"])], "identity", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_pixel_input_normalises_inside_the_graph():
     import onnxruntime as ort
 
-    model = det_models["dynamic"]
-    wrapped = sessions.with_pixel_input(model, 127.5, 128.0)
+    wrapped = sessions.with_pixel_input(_identity_nchw_model(), 127.5, 128.0)
     assert wrapped.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    session = ort.InferenceSession(wrapped.SerializeToString(), providers=["CPUExecutionProvider"])
+    pixels = np.zeros((1, 2, 3, 3), np.uint8)  # NHWC: 2 rows, 3 columns, RGB
+    pixels[...] = (0, 255, 128)
+    pixels[0, 1, 2] = (127, 64, 200)
+    (out,) = session.run(None, {"pixels": pixels})
+    assert out.shape == (1, 3, 2, 3) and out.dtype == np.float32  # NCHW
+    # (p - 127.5) / 128, exact in float32: 0 -> -0.99609375, 255 -> 0.99609375, 128 -> 0.00390625,
+    # 127 -> -0.00390625, 64 -> -63.5/128 = -0.49609375, 200 -> 72.5/128 = 0.56640625
+    for channel, everywhere, at_1_2 in (
+        (0, -0.99609375, -0.00390625),
+        (1, 0.99609375, -0.49609375),
+        (2, 0.00390625, 0.56640625),
+    ):
+        expected = np.full((2, 3), everywhere, np.float32)
+        expected[1, 2] = at_1_2
+        np.testing.assert_array_equal(out[0, channel], expected)
+
+
+def test_pixel_input_keeps_the_rest_of_the_graph(det_models):
+    """The wrapped detector on pixels gives what the plain one gives on the wrapper's own blob."""
+    import onnxruntime as ort
+
+    def session(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
     pixels = np.random.default_rng(2).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
-    blob = ((pixels.astype(np.float32) - 127.5) / 128.0).transpose(0, 3, 1, 2)
-    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    ours = ort.InferenceSession(wrapped.SerializeToString(), providers=["CPUExecutionProvider"])
-    for a, b in zip(ours.run(None, {"pixels": pixels}), plain.run(None, {"input.1": blob}), strict=True):
+    (blob,) = session(sessions.with_pixel_input(_identity_nchw_model(), 127.5, 128.0)).run(
+        None, {"pixels": pixels}
+    )
+    model = det_models["dynamic"]
+    ours = session(sessions.with_pixel_input(model, 127.5, 128.0)).run(None, {"pixels": pixels})
+    plain = session(model).run(None, {"input.1": blob})
+    for a, b in zip(ours, plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
