@@ -218,3 +218,12 @@ def _mount_keygen() -> None:
 
 
 _mount_keygen()
+
+
+def _mount_datasets() -> None:
+    from .commands.datasets import datasets_app
+
+    app.add_typer(datasets_app, name="datasets")
+
+
+_mount_datasets()

@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .names import check_name
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+DATASET_FORMATS = ("auto", "folder", "tar", "urls", "msceleb-tsv", "hf-parquet", "flickr-meta", "unknown")
+DATASET_STATUSES = ("available", "withdrawn", "restricted", "unknown")
+NO_SOURCE = re.compile(r"No source: (.+?)(?:\.(?:\s|$)|$)")  # a catalogue description's reason
 
 # insightface's model zoo README: its pretrained packs are for non-commercial research only.
 _INSIGHTFACE_TERMS = "insightface model zoo: non-commercial research purposes only"
@@ -31,8 +34,10 @@ class DatasetSpec(Strict):
     """One data set of the registry (``configs/datasets/<name>.yaml``)."""
 
     name: str = Field(description="[a-z0-9_-]+, unique")
-    source: str = Field(
-        description="folder, tar/WebDataset shard(s), or a URI list file (.txt/.csv/.parquet)"
+    source: str | None = Field(
+        description="folder, tar/WebDataset shard(s), or a URI list file (.txt/.csv/.parquet); null only "
+        "in a catalogue entry where nothing public can be fetched (its description says why): such an "
+        "entry is listed and audited from an operator's own copy, never ingested as it is"
     )
     version: str = Field("", description="a new value means the data set changed")
     license: str = Field("unknown", description="what is known of its licence")
@@ -41,6 +46,24 @@ class DatasetSpec(Strict):
     allowed_roots: list[str] = Field(
         default_factory=list,
         description="folders or gs:// prefixes outside its own folder that its URI list may name",
+    )
+
+    # The catalogue keys (configs/datasets/catalog/, ../shared/DESIGN.md "Data set registry"); what a
+    # catalogue cannot establish is the string "unknown", never a guess.
+    format: Literal[DATASET_FORMATS] = Field(  # type: ignore[valid-type]
+        "auto",
+        description="the published format: auto | folder | tar | urls | msceleb-tsv | hf-parquet | "
+        "flickr-meta, or unknown (not established, or a form none of these readers takes); recorded "
+        "and validated only",
+    )
+    contact: str | None = Field(None, description="where the maintainer takes removal requests")
+    status: Literal[DATASET_STATUSES] = Field(  # type: ignore[valid-type]
+        "available",
+        description="available | withdrawn | restricted (known, but not obtainable as published) | unknown",
+    )
+    citation: str | None = Field(None, description="the paper or page that introduced it")
+    facts: list[str] = Field(
+        default_factory=list, description="public http(s) sources for every statement of the entry"
     )
 
     @field_validator("name")
@@ -54,6 +77,41 @@ class DatasetSpec(Strict):
     @classmethod
     def _version(cls, v: object) -> str:
         return "" if v is None else str(v)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("source is empty (null, in a catalogue entry, when nothing can be fetched)")
+        return v
+
+    @field_validator("facts")
+    @classmethod
+    def _facts(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not re.match(r"^https?://[^\s/]+\S*$", url):
+                raise ValueError(f"fact {url!r} is not an http(s) URL")
+        return v
+
+    @model_validator(mode="after")
+    def _no_source_says_why(self) -> DatasetSpec:
+        if self.source is None and not self.description.strip():
+            raise ValueError(
+                f"data set {self.name!r} has no source: its description must say why nothing can be fetched"
+            )
+        return self
+
+    @property
+    def ingestible(self) -> bool:
+        """Whether a job can read it: an entry without a source is only listed (catalogue)."""
+        return self.source is not None
+
+    def no_source_reason(self, limit: int = 160) -> str:
+        """Why it has no source: its description's "No source: ..." sentence, else its start."""
+        text = " ".join(self.description.split())
+        match = NO_SOURCE.search(text)
+        why = match.group(1) if match else text
+        return why if len(why) <= limit else why[: limit - 1].rstrip() + "\u2026"
 
 
 class ModelConfig(Strict):
@@ -211,6 +269,14 @@ class JobConfig(Strict):
     def _run_id(cls, v: str | None) -> str | None:
         return None if v is None else check_name(v, "run id")
 
+    @field_validator("datasets")
+    @classmethod
+    def _ingestible(cls, v: list[DatasetSpec]) -> list[DatasetSpec]:
+        for spec in v:
+            if not spec.ingestible:
+                raise ValueError(no_source_message(spec))
+        return v
+
     @model_validator(mode="after")
     def _share_roots(self) -> JobConfig:
         for spec in self.datasets:
@@ -221,11 +287,22 @@ class JobConfig(Strict):
         return self
 
 
+def no_source_message(spec: DatasetSpec) -> str:
+    """Why a job cannot ingest ``spec``, in one line."""
+    return (
+        f"data set {spec.name!r} has no source and cannot be ingested ({spec.no_source_reason()}); "
+        "give it a source of your own (a copy you hold) in your registry"
+    )
+
+
 def load_registry(folder: str | os.PathLike[str]) -> dict[str, DatasetSpec]:
     """Every ``*.yaml`` data set spec in ``folder``, by name."""
     specs: dict[str, DatasetSpec] = {}
     for path in sorted(Path(folder).glob("*.y*ml")):
-        spec = DatasetSpec.model_validate(_read_yaml(path))
+        try:
+            spec = DatasetSpec.model_validate(_read_yaml(path))
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: invalid data set: {_errors(exc)}") from exc
         if spec.name in specs:
             raise ConfigError(f"data set {spec.name!r} is defined twice in {folder}")
         specs[spec.name] = spec
@@ -244,6 +321,8 @@ def load_job(path: str | os.PathLike[str], registry: str | os.PathLike[str] | No
             known = known if known is not None else load_registry(registry)
             if entry not in known:
                 raise ConfigError(f"data set {entry!r} is not in the registry {registry}")
+            if not known[entry].ingestible:
+                raise ConfigError(no_source_message(known[entry]))
             resolved.append(known[entry])
         else:
             resolved.append(entry)
@@ -262,6 +341,11 @@ def validate_job(raw: dict) -> JobConfig:
     if len(set(names)) != len(names):
         raise ConfigError(f"a data set is named twice: {names}")
     return job
+
+
+def _errors(exc: ValidationError) -> str:
+    """A validation error in one line: each field and what is wrong with it."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors())
 
 
 def _read_yaml(path: Path) -> dict:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -33,8 +32,8 @@ from indexing.extend import VersionOptions, VersionResult, build_version, discar
 from indexing.options import BuildOptions
 from indexing.runners import shard_runner
 from indexing.search import open_index
-from pipelines.core import erasure, orphans, storage
-from pipelines.core.config import DatasetSpec, JobConfig, ModelConfig, load_registry
+from pipelines.core import catalog, erasure, orphans, storage
+from pipelines.core.config import DatasetSpec, JobConfig, ModelConfig
 from pipelines.core.errors import ConfigError, FaceauditError, FatalError
 from pipelines.core.faults import checkpoint
 from pipelines.core.locks import ExpiringLock, sweep_lock
@@ -62,6 +61,7 @@ class Rebuild:
     current_folder: str | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig())
     registry: dict[str, DatasetSpec] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why a rebuild does not fetch it
     fingerprints: dict[str, str] = field(default_factory=dict)
     delta: Delta | None = None
     run_uri: str | None = None
@@ -160,22 +160,54 @@ def plan(state: Rebuild) -> None:
     ):
         log.warning("the model differs from the current version's: every data set is ingested again")
         state.current, state.current_folder = None, None
-    state.registry = read_registry(cfg.registry)
+    entries = read_registry(cfg.registry)
+    state.registry, state.skipped = fetchable(entries)
     state.fingerprints = {n: fingerprint(s) for n, s in state.registry.items() if not s.removed}
     state.delta = plan_delta(state.registry, state.fingerprints, current_sources(state.current))
+    keep_skipped(state)
     if not state.delta.keep and not state.delta.ingest:
-        raise ConfigError(f"the registry {cfg.registry} has no active data set; nothing to index")
+        raise ConfigError(
+            f"the registry {cfg.registry} has no active data set; nothing to index"
+            + (f" ({len(state.skipped)} skipped: no source or withdrawn)" if state.skipped else "")
+        )
 
 
-def read_registry(uri: str) -> dict[str, DatasetSpec]:
-    """The registry from a local folder, or from gs:// (its YAMLs copied to a temporary folder first)."""
-    if storage.is_local(uri):
-        return load_registry(storage.url_to_fs(uri)[1])
-    with tempfile.TemporaryDirectory(prefix="faceaudit-registry-") as tmp:
-        for name in storage.listdir(uri):
-            if name.endswith((".yaml", ".yml")):
-                storage.download(storage.join(uri, name), os.path.join(tmp, name))
-        return load_registry(tmp)
+def read_registry(uri: str) -> dict[str, catalog.Entry]:
+    """The registry: one folder, or several separated by commas (catalogues first, the operator's
+    registry last; a later entry of the same name wins). Each is a local folder, or gs:// (its YAMLs
+    copied to a temporary folder first)."""
+    return catalog.load_layers(uri, catalog.read_folder)
+
+
+def fetchable(entries: dict[str, catalog.Entry]) -> tuple[dict[str, DatasetSpec], dict[str, str]]:
+    """(the specs a rebuild may fetch, removed ones included; name -> why each other one is skipped).
+    Never fetched: an entry without a source, a catalogue entry whose status is withdrawn
+    (``catalog.skip_reason``); each skip is logged in one line saying why."""
+    specs: dict[str, DatasetSpec] = {}
+    skipped: dict[str, str] = {}
+    for name, entry in entries.items():
+        why = None if entry.spec.removed else catalog.skip_reason(entry)
+        if why is None:
+            specs[name] = entry.spec
+        else:
+            skipped[name] = why
+            log.warning("%s", catalog.skip_message(entry))
+    return specs, skipped
+
+
+def keep_skipped(state: Rebuild) -> None:
+    """A skipped data set the current version holds (an operator's copy, since taken out of their
+    registry) is kept as it is, never fetched; the others are not indexed. Each reason goes to the
+    plan (and the report)."""
+    assert state.delta is not None
+    before = current_sources(state.current)
+    for name, why in state.skipped.items():
+        if name in before and name in state.delta.removed:
+            state.delta.removed.remove(name)
+            state.delta.keep[name] = before[name]
+            state.delta.reasons[name] = f"kept as it is, not fetched: {why}"
+        else:
+            state.delta.reasons[name] = f"skipped: {why}"
 
 
 def ingest(state: Rebuild) -> None:
