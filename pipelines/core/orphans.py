@@ -103,19 +103,7 @@ def run_writer_alive(run: str) -> bool:
         found, _ = storage.read_versioned(uri)
         held = parse_lock(found) if found else None
         return held is not None and not held.expired(now_utc())
-    try:
-        fd = os.open(storage.url_to_fs(uri)[1], os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return True
-        raise
-    finally:
-        os.close(fd)
+    return bool(_flock_held(storage.url_to_fs(uri)[1], fcntl.LOCK_SH))  # its holder locks it exclusively
 
 
 def run_orphans(run: str, older_than_s: float, now: float | None = None) -> list[Orphan]:
@@ -222,16 +210,23 @@ def writer_state(folder: str) -> str | None:
     (no lock file: another kind of writer, or gs://)."""
     if not storage.is_local(folder):
         return None
+    held = _flock_held(os.path.join(storage.url_to_fs(folder)[1], BUILD_LOCK), fcntl.LOCK_EX)
+    return None if held is None else (ALIVE if held else DEAD)
+
+
+def _flock_held(path: str, probe: int) -> bool | None:
+    """Whether a live process holds a lock on the file ``path`` that conflicts with ``probe``
+    (LOCK_SH or LOCK_EX), tried without waiting and let go at once; None when there is no file."""
     try:
-        fd = os.open(os.path.join(storage.url_to_fs(folder)[1], BUILD_LOCK), os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return DEAD
+        fcntl.flock(fd, probe | fcntl.LOCK_NB)
+        return False
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return ALIVE
+            return True
         raise
     finally:
         os.close(fd)
