@@ -19,7 +19,15 @@ def rebuild(
         str, typer.Option(help="index root (local folder or gs://...): versions, CURRENT, lock, reports")
     ],
     work: Annotated[str, typer.Option(help="<out> root for the ingest runs (local folder or gs://...)")],
-    registry: Annotated[str, typer.Option(help="folder of data set YAMLs")] = "configs/datasets",
+    registry: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "folders of data set YAMLs, comma-separated; a later folder's entry of the same "
+                "name wins (e.g. configs/datasets/catalog,my-registry)"
+            )
+        ),
+    ] = "configs/datasets",
     config: Annotated[
         str | None, typer.Option(help="rebuild YAML (any setting below, plus model, decode, http)")
     ] = None,

@@ -31,7 +31,10 @@ class IndexSettings(BuildOptions):
 
 
 class RebuildConfig(Strict):
-    registry: str = Field("configs/datasets", description="folder of data set YAMLs, one per data set")
+    registry: str = Field(
+        "configs/datasets",
+        description="folders of data set YAMLs, comma-separated; a later folder's entry of a name wins",
+    )
     work: str = Field(description="<out> root of the ingest runs (local folder or gs://bucket/prefix)")
     index: str = Field(description="index root: versions, CURRENT, the lock and the reports")
     engine: Literal["local", "ray", "beam"] = "local"
