@@ -29,7 +29,11 @@ def _is_text(path: Path) -> bool:
 TEXT_FILES = sorted(p for p in INFRA.rglob("*") if _is_text(p))
 # A repository path, also inside an image (/app/infra/..., /template/infra/...) or as ./infra/...
 REPO_PATH = re.compile(r"(?<![\w-])((?:infra|configs|pipelines|indexing|bench|tests)/[\w./-]*\w)")
-COMMAND = re.compile(r"\bfaceaudit ((?:[a-z][\w-]* ?)+)([^\n|]*)")
+# `faceaudit <words> <rest of the line>`, but not inside a path or URL (gs://BUCKET/faceaudit and ...)
+COMMAND = re.compile(r"(?<![\w./:-])faceaudit ((?:[a-z][\w-]* ?)+)([^\n|]*)")
+# Words that may follow "faceaudit" in prose. Any other word there must be a command: a mistyped
+# command name fails the test instead of being taken for prose.
+PROSE = frozenset({"itself"})  # "... then faceaudit itself" (the package, in the Dockerfiles)
 
 
 def _cli_commands() -> dict[str, set[str]]:
@@ -91,20 +95,53 @@ def test_dockerfiles_copy_what_exists(path):
                 assert (REPO / source).exists(), f"{path.name} copies {source}"
 
 
+def _command_named(words: list[str], commands: dict[str, set[str]]) -> str:
+    """The command that ``faceaudit <words>`` runs; AssertionError if the words name none.
+
+    The longest leading run of words that is a command wins ("ingest on the head" -> "ingest");
+    words after a command group must start with one of its sub-commands.
+    """
+    if words[0] in PROSE:
+        return ""
+    matched = list(words)
+    while matched and " ".join(matched) not in commands:
+        matched.pop()
+    assert matched, f"'faceaudit {words[0]}' is no command: {sorted(c for c in commands if ' ' not in c)}"
+    name = " ".join(matched)
+    subcommands = sorted(c.rsplit(" ", 1)[1] for c in commands if c.startswith(name + " "))
+    if subcommands and len(words) > len(matched):
+        raise AssertionError(f"'faceaudit {name} {words[len(matched)]}': {name} has only {subcommands}")
+    return name
+
+
+def test_command_names_are_checked():
+    """The check itself: a typo in a command or sub-command name is an error, not prose."""
+    commands = _cli_commands()
+    assert _command_named(["ingest", "on", "the", "head"], commands) == "ingest"
+    assert _command_named(["index", "build"], commands) == "index build"
+    assert _command_named(["itself"], commands) == ""
+    for typo in (["ingset"], ["index", "biuld"], ["rebuidl", "the", "index"]):
+        with pytest.raises(AssertionError):
+            _command_named(typo, commands)
+    found = COMMAND.findall("runs under gs://B/faceaudit and the index; `faceaudit ingset --config x`")
+    assert found == [("ingset ", "--config x`")]
+
+
 @pytest.mark.parametrize("path", TEXT_FILES, ids=str)
 def test_faceaudit_commands_and_flags_exist(path):
     commands = _cli_commands()
     for words, rest in COMMAND.findall(path.read_text()):
-        words = words.split()
-        while words and " ".join(words) not in commands:
-            words.pop()  # "faceaudit ingest on the head" -> "ingest"
-        if not words:
-            continue  # prose ("faceaudit turns ...") or an image name
-        options = commands[" ".join(words)]
-        if words in (["ingest"], ["rebuild"]) and "--engine beam" in rest:
+        try:
+            name = _command_named(words.split(), commands)
+        except AssertionError as exc:
+            raise AssertionError(f"{path.name}: {exc}") from None
+        if not name:
+            continue  # prose
+        options = commands[name]
+        if name in ("ingest", "rebuild") and "--engine beam" in rest:
             options = options | _beam_options()  # the rest are Beam pipeline options
         for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
-            assert flag in options, f"{path.name}: faceaudit {' '.join(words)} has no {flag}"
+            assert flag in options, f"{path.name}: faceaudit {name} has no {flag}"
 
 
 def _beam_options() -> set[str]:
