@@ -8,6 +8,7 @@ to float tolerance: the comparison is about identical pre- and post-processing.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -56,16 +57,30 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(photos, models):
     """insightface's SCRFD at 640x640 on every photo (it takes BGR): (boxes+scores [n, 5], kps [n, 5, 2])."""
-    detector = SCRFD(model_file=str(models["det-dynamic"]))
+    detector = SCRFD(model_file=str(models["det-dynamic"]), session=_reference_session(models["det-dynamic"]))
     return [
         detector.detect(np.ascontiguousarray(p[:, :, ::-1]), input_size=(INPUT, INPUT), det_thresh=0.5)
         for p in photos
     ]
 
 
+def our_sessions() -> SessionOptions:
+    """Our sessions on the providers FACEAUDIT_TEST_PROVIDERS names (``make test-gpu``: cuda), CPU last."""
+    names = [n for n in os.environ.get("FACEAUDIT_TEST_PROVIDERS", "").split(",") if n and n != "cpu"]
+    return SessionOptions(providers=[*names, "cpu"])
+
+
+def _reference_session(path):
+    """insightface's reference classes always on the CPU: with onnxruntime-gpu installed they would
+    pick CUDA by themselves, and the parity is ours on a provider against theirs on the CPU."""
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 def _detector(path, batch: int):
     config = ModelConfig(backend="insightface", det_size=INPUT, det_batch_size=batch)
-    return build_detector(path, SessionOptions(), config)
+    return build_detector(path, our_sessions(), config)
 
 
 def _assert_same_detections(ours, theirs):
@@ -136,8 +151,8 @@ def test_crops_match_norm_crop_within_one_grey_level(photos, reference):
 
 @pytest.mark.parametrize("kind", ["rec", "rec-fixed", "rec-mxnet"])
 def test_embeddings_match_arcface_onnx(photos, models, reference, kind):
-    embedder = build_embedder(models[kind], SessionOptions(), batch_size=32)
-    theirs_model = ArcFaceONNX(model_file=str(models[kind]))
+    embedder = build_embedder(models[kind], our_sessions(), batch_size=32)
+    theirs_model = ArcFaceONNX(model_file=str(models[kind]), session=_reference_session(models[kind]))
     images = [(p, kps[:MAX_FACES]) for p, (_, kps) in zip(photos, reference, strict=True) if len(kps)]
     ours = embedder.embed(align([p for p, _ in images], [k for _, k in images]))
     with warnings.catch_warnings():
