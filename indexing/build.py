@@ -32,7 +32,7 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.faults import checkpoint
 from pipelines.core.locks import sweep_lock
 
-from . import bundle, download, erase, gc, gpu
+from . import bundle, download, erase, gc, gpu, lookup
 from . import runs as runsmod
 from .bundle import BUILD_DIR
 from .inputs import Inputs, pieces_for, scan_ids, shard_bounds, train
@@ -185,6 +185,7 @@ def add_shards(
     watch.lap("add_shards")
     storage.remove(storage.join(folder, BUILD_DIR))
     shards = [r.entry for r in results]
+    lookup.add_tables(folder, shards)  # the range look-up's hash tables, beside the metadata
     truth = merged_top_k(sample.queries, results)
     report = measure_recall(
         folder, shards, plan, opts, sample.queries, sample.query_ids, truth, model_id, dim

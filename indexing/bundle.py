@@ -46,7 +46,7 @@ VERSION_NAME = re.compile(r"(\d{8}T\d{6}Z)-[0-9a-f]{8}")
 # uses the same pattern.
 BUNDLE_FILE = re.compile(
     r"^(shard-\d+(\.e\d+)?\.(faissindex|ivfdata)|metadata/part-\d+(\.e\d+)?\.parquet"
-    r"|store/(ids|vectors)-\d+(\.e\d+)?\.npy)$"
+    r"|store/(ids|vectors)-\d+(\.e\d+)?\.npy|lookup/hashes-\d+(\.e\d+)?\.parquet)$"
 )
 FILE_KEYS = {  # shard entry key -> the file kind it must name
     "index": ".faissindex",
@@ -54,6 +54,7 @@ FILE_KEYS = {  # shard entry key -> the file kind it must name
     "metadata": ".parquet",
     "ids": ".npy",
     "vectors": ".npy",
+    "hashes": ".parquet",  # the range look-up's hash table (indexing/lookup.py)
 }
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -183,7 +184,7 @@ def check_threshold(manifest: dict) -> float:
 def bundle_files(manifest: dict) -> Iterator[dict]:
     """Every file entry ({file, sha256, bytes}) the manifest lists, in a fixed order."""
     for shard in manifest["shards"]:
-        for key in ("index", "ivfdata", "metadata", "ids", "vectors"):
+        for key in ("index", "ivfdata", "metadata", "ids", "vectors", "hashes"):
             if shard.get(key):
                 yield shard[key]
 

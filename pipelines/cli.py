@@ -227,3 +227,30 @@ def _mount_datasets() -> None:
 
 
 _mount_datasets()
+
+
+def _mount_serve() -> None:
+    from .commands.serve import serve
+
+    app.command("serve")(serve)
+
+
+_mount_serve()
+
+
+def _mount_lookup() -> None:
+    from .commands.lookup import lookup
+
+    app.command("lookup")(lookup)
+
+
+_mount_lookup()
+
+
+def _mount_requests() -> None:
+    from .commands.requests import requests_app
+
+    app.add_typer(requests_app, name="requests")
+
+
+_mount_requests()

@@ -1,0 +1,1 @@
+"""The look-up service (``faceaudit serve``): app.py (FastAPI), config.py, limits.py, page/."""
