@@ -61,6 +61,10 @@ def _layout(title: str, body: str) -> str:
 """
 
 
+def _version(d: dict) -> str:
+    return f"version {escape(str(d['version']))}, " if d.get("version") else ""
+
+
 def _dataset_list(datasets: list[dict]) -> str:
     items = []
     for d in datasets:
@@ -71,7 +75,7 @@ def _dataset_list(datasets: list[dict]) -> str:
         elif contact:
             link = f" &middot; removal: {escape(contact)}"
         items.append(
-            f"<li><strong>{escape(d['name'])}</strong> (version {escape(str(d['version']))}, "
+            f"<li><strong>{escape(d['name'])}</strong> ({_version(d)}"
             f"licence {escape(str(d['license']))}; {int(d.get('images', 0))} images){link}</li>"
         )
     return (
@@ -169,7 +173,7 @@ def _summary(data: dict) -> str:
         if strong:
             n = sum(d["images"] for d in strong)
             items = "".join(
-                f"<li>{escape(d['name'])} (version {escape(d['version'])}, licence {escape(d['license'])}): "
+                f"<li>{escape(d['name'])} ({_version(d)}licence {escape(d['license'])}): "
                 f"{d['images']} image(s)</li>"
                 for d in strong
             )

@@ -51,8 +51,8 @@
         p.append(lead, text("strong", "your face appears in " + n + " image(s) of these data sets:"));
         results.append(p);
         const ul = document.createElement("ul");
-        strong.forEach((d) => ul.append(text("li", d.name + " (version " + d.version + ", licence " +
-          d.license + "): " + d.images + " image(s)")));
+        strong.forEach((d) => ul.append(text("li", d.name + " (" + (d.version ? "version " + d.version + ", " : "") +
+          "licence " + d.license + "): " + d.images + " image(s)")));
         results.append(ul);
       } else {
         const p = document.createElement("p");
