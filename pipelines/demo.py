@@ -1,6 +1,11 @@
 """``make demo``: ingest two small data sets made from the sample photos that ship in the
 insightface wheel, build an index, search it with an altered photo, and print what happened.
 
+It writes the same reports as the command line: the ingest run's ``report.json`` and
+self-contained ``report.html`` beside its manifest (as ``faceaudit ingest``), and the index
+version's under ``<index>/reports/<version>/`` (as ``faceaudit index build --report``); the paths
+of the two ``report.html`` are its last two lines.
+
 The two data sets: ``originals`` (the photos as shipped, plus one broken file and one exact
 copy, to show error rows and de-duplication) and ``variants`` (re-encoded, cropped and mirrored
 copies, which are new bytes and so new images, but the same people).
@@ -69,25 +74,35 @@ def main(argv: list[str] | None = None) -> None:
     )
     from .cli import print_run_summary
     from .engines.local_engine import run_job
+    from .rebuild.report import run_report, write_report
 
     summary = run_job(job)
     print_run_summary(summary.manifest, summary.uri, summary.seconds, summary.resumed_units)
-    _index_and_search(summary.uri, work, datasets["variants"])
+    run_html = write_report(summary.uri, run_report(summary.uri, summary.analyzed))[1]
+    index_html = _index_and_search(summary.uri, work, datasets["variants"])
+    print("\nreports (open in a browser): the ingest run's, then the index version's")
+    print(Path(run_html).resolve())
+    print(Path(index_html).resolve())
 
 
-def _index_and_search(run: str, work: Path, variants: Path) -> None:
-    """Build an index of the run and look for the people of two altered photos in it."""
+def _index_and_search(run: str, work: Path, variants: Path) -> str:
+    """Build an index of the run, write its report, and look for the people of two altered photos
+    in it; returns the index report's ``report.html``."""
     from indexing import build_index, open_index
 
     from .commands.index import info_lines, print_report, search_report
+    from .rebuild.report import write_index_report
 
-    result = build_index([run], str(work / "index"))
+    index_root = str(work / "index")
+    result = build_index([run], index_root)
+    index_html = write_index_report(index_root, result.manifest)[1]
     print("\nindex " + result.folder)
     for line in info_lines(result.manifest):
         print("  " + line)
     queries = [variants / "t1-mirror.jpg", variants / "Tom_Hanks_54745-crop.jpg"]
     print(f"\nsearch: {', '.join(q.name for q in queries)}")
-    print_report(search_report(open_index(str(work / "index")), queries, k=10, threshold=None, nprobe=None))
+    print_report(search_report(open_index(index_root), queries, k=10, threshold=None, nprobe=None))
+    return index_html
 
 
 if __name__ == "__main__":

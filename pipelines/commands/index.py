@@ -64,6 +64,14 @@ def build(
         typer.Option(help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray)"),
     ] = None,
     signing_key: Annotated[str | None, typer.Option("--signing-key", help=SIGNING_KEY_HELP)] = None,
+    report: Annotated[
+        bool,
+        typer.Option(
+            "--report",
+            help="also write report.json and report.html (recall against nprobe, size on "
+            "disk) under INDEX/reports/<version>/",
+        ),
+    ] = False,
 ) -> None:
     """Turn committed runs into a new index version and point INDEX/CURRENT at it.
 
@@ -105,6 +113,10 @@ def build(
             f"[yellow]warning:[/yellow] recall@10 {m['recall']['at_10']:.3f} is below the target "
             f"{m['recall']['target']}; raise --max-bytes-per-vector or --max-rerank-factor"
         )
+    if report:
+        from pipelines.rebuild.report import write_index_report
+
+        out.print(f"report: {write_index_report(out_uri, m)[1]}", soft_wrap=True)
 
 
 @index_app.command("info")
