@@ -12,3 +12,4 @@ compile() {  # output, then uv pip compile arguments
 compile cpu.txt --extra ray --extra beam --extra gcs
 compile gpu.txt --extra gpu --extra ray --extra beam --extra gcs
 compile dataflow.txt infra/requirements/dataflow.in --extra beam --extra gcs
+compile serve.txt --extra serve --extra gcs  # the look-up service (infra/docker/Dockerfile.serve)
