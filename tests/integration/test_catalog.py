@@ -24,16 +24,8 @@ from pipelines.core import storage
 from pipelines.core.config import DecodeConfig
 from pipelines.rebuild.config import RebuildConfig
 from pipelines.rebuild.driver import rebuild
-from tests.helpers import read_table, write_small_copies
+from tests.helpers import REPO, read_table, write_small_copies
 
-try:  # tests/conftest.py registers the emulator's fixtures for every module; older trees do not
-    from tests.conftest import pytest_plugins as _plugins
-except ImportError:
-    _plugins = []
-if "tests.gcs_emulator" not in _plugins:
-    from tests.gcs_emulator import gcs_emulator  # noqa: F401
-
-REPO = Path(__file__).resolve().parents[2]
 CATALOG = REPO / "configs" / "datasets" / "catalog"
 
 

@@ -3,22 +3,26 @@ must write the same rows, resume the same way and fail the same way."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipelines.core.config import DatasetSpec, JobConfig
-from pipelines.core.faults import KILL_AT, KILL_ONCE
+from pipelines.core.config import JobConfig
 from pipelines.engines import beam_engine, local_engine, ray_engine
-from tests.helpers import face_rows, image_rows, kill_once, manifest, write_small_copies
+from tests.helpers import (
+    face_rows,
+    image_rows,
+    kill_once,
+    make_job,
+    manifest,
+    run_faceaudit,
+    write_small_copies,
+)
 from tests.integration.test_index_engines import OPTIONS, assert_same_bundle, engine_runner
 
-REPO = Path(__file__).resolve().parents[2]
 ENGINES = ("ray", "beam")
 ALL_ENGINES = ("local", *ENGINES)
 BEAM_IN_PROCESS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
@@ -39,11 +43,9 @@ def run_engine(engine: str, job: JobConfig, request, **kwargs) -> local_engine.R
     return local_engine.run_job(job)
 
 
-def make_job(out: Path, *datasets: tuple[str, Path], **overrides) -> JobConfig:
-    settings = dict(run_id="r", images_per_shard=3, progress=False, workers=2)
-    settings.update(overrides)
-    specs = [DatasetSpec(name=name, source=str(folder)) for name, folder in datasets]
-    return JobConfig(datasets=specs, out=str(out), **settings)
+def twice_job(out: Path, twice: dict[str, Path]) -> JobConfig:
+    """The job of the ``twice`` data sets: units of 3 images, 2 workers, run id "r"."""
+    return make_job(out, *twice.items(), run_id="r", images_per_shard=3, workers=2)
 
 
 def assert_same_run(run, expected) -> None:
@@ -84,7 +86,7 @@ def twice(tmp_path_factory, faces_dir) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def twice_local(tmp_path_factory, twice) -> Path:
     out = tmp_path_factory.mktemp("twice-local")
-    return Path(local_engine.run_job(make_job(out, *twice.items())).uri)
+    return Path(local_engine.run_job(twice_job(out, twice)).uri)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def twice_runs(tmp_path_factory, twice, request):
     def get(engine: str) -> Path:
         if engine not in runs:
             out = tmp_path_factory.mktemp(f"twice-{engine}")
-            job = make_job(out, *twice.items())
+            job = twice_job(out, twice)
             if engine == "ray":
                 with kill_once("analyze.batch", out / "killed-once"):
                     runs[engine] = Path(run_engine(engine, job, request).uri)
@@ -131,7 +133,7 @@ def test_resume_skips_done_units_and_keeps_their_owners(
     for part in parts[1::2]:
         part.unlink()
         (run / "faces" / part.name).unlink()
-    summary = run_engine(engine, make_job(out, *twice.items()), request)
+    summary = run_engine(engine, twice_job(out, twice), request)
     assert summary.resumed_units == len(parts) - len(parts[1::2])
     assert_same_run(run, twice_local)
 
@@ -143,7 +145,7 @@ def test_ray_replaces_a_killed_actor_and_the_output_is_exact(twice_runs, twice_l
 
 
 def test_beam_bundle_replays_change_nothing(tmp_path, twice, twice_local, request):
-    job = make_job(tmp_path, *twice.items())
+    job = twice_job(tmp_path, twice)
     summary = run_engine("beam", job, request, beam_args=["--direct_runner_bundle_repeat=2"])
     assert_same_run(summary.uri, twice_local)
     assert not [p for p in Path(summary.uri).rglob("*") if ".tmp-" in p.name]
@@ -161,7 +163,7 @@ def test_beam_multi_processing_gives_the_local_rows(tmp_path, twice, twice_local
         return analyse(batch, model)
 
     monkeypatch.setattr(beam_engine, "analyze_decoded", spy)
-    summary = beam_engine.run_job(make_job(tmp_path, *twice.items()), BEAM_MULTI_PROCESS)
+    summary = beam_engine.run_job(twice_job(tmp_path, twice), BEAM_MULTI_PROCESS)
     assert here == [], "the model ran in the test's process: not the multi-processing mode"
     assert_same_run(summary.uri, twice_local)
 
@@ -174,15 +176,7 @@ def ingest_cli(engine: str, args: list[str], request) -> subprocess.CompletedPro
         args += ["--ray-address", request.getfixturevalue("ray_local").get_runtime_context().gcs_address]
     if engine == "beam":
         args += BEAM_IN_PROCESS  # pipeline options go last
-    environ = {k: v for k, v in os.environ.items() if k not in (KILL_AT, KILL_ONCE)}
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines", *args],
-        cwd=REPO,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_faceaudit(args)
 
 
 @pytest.mark.parametrize("engine", ALL_ENGINES)
@@ -224,7 +218,7 @@ def engine_runs(tmp_path_factory, faces_dir, faces_run, request) -> dict[str, st
     runs = {"local": faces_run.uri}
     for engine in ENGINES:
         out = tmp_path_factory.mktemp(f"faces-{engine}")
-        job = make_job(out, ("deepface", faces_dir), run_id="faces", images_per_shard=16)
+        job = make_job(out, ("deepface", faces_dir), run_id="faces", images_per_shard=16, workers=2)
         runs[engine] = run_engine(engine, job, request).uri
     yield runs
     for engine in ENGINES:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import faiss
@@ -24,25 +22,22 @@ import pytest
 from indexing import BuildOptions, build_index, open_index
 from indexing.erase import PENDING, erase, find_by_ids, find_by_photos
 from pipelines.core import erasure, storage
-from pipelines.core.config import DatasetSpec, DecodeConfig, JobConfig
+from pipelines.core.config import DecodeConfig
 from pipelines.engines.local_engine import run_job
-from tests.gcs_emulator import gcs_emulator  # noqa: F401 - the fixture
-from tests.helpers import largest_face_embeddings, write_small_copies
+from tests.helpers import REPO, largest_face_embeddings, make_job, run_faceaudit, write_small_copies
 
 PERSON = ["img1", "img2", "img4", "img5", "img6", "img7", "img10", "img11"]  # one person (master.csv)
 OTHERS = ["img3", "img12", "img13", "img14", "img15", "img16", "img17", "img8", "img9"]  # four other people
 PHOTOS = [*PERSON, *OTHERS, "couple"]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def ingest(root: Path, run_id: str, log: str | None = None):
     # decode runs in this process: small trusted copies, and no worker start-up per test
-    job = JobConfig(
-        datasets=[DatasetSpec(name="deepface", source="photos")],
-        out="out",
+    job = make_job(
+        "out",
+        ("deepface", "photos"),
         run_id=run_id,
         images_per_shard=8,
-        progress=False,
         workers=1,
         erasure_log=log,
         decode=DecodeConfig.model_validate({"isolate": False}),
@@ -449,9 +444,6 @@ def test_killed_erase_completes_when_run_again(work, queries):
     ids = sorted({f.face_id for f in found})
     _, vectors = erased_faces(work, queries["img4"])
     command = [
-        sys.executable,
-        "-m",
-        "pipelines",
         "erase",
         "--index",
         "index",
@@ -460,15 +452,15 @@ def test_killed_erase_completes_when_run_again(work, queries):
         "--yes",
         *(a for i in ids for a in ("--face-id", str(i))),
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {"PYTHONPATH": str(REPO)}
     for point in KILL_POINTS:  # each run is killed one step further on, from what the last one left
-        done = subprocess.run(command, env={**env, "FACEAUDIT_KILL_AT": point}, capture_output=True)
-        assert done.returncode == -9, (point, done.stderr.decode()[-2000:])
+        done = run_faceaudit(command, cwd=work, env={**env, "FACEAUDIT_KILL_AT": point})
+        assert done.returncode == -9, (point, done.stderr[-2000:])
         # half-erased: whatever is on disk, the logged faces are never returned
         for photo in ("img4", "img1"):
             assert not {face_id for face_id, _ in matches(open_index("index"), queries[photo])} & set(ids)
-    done = subprocess.run(command, env=env, capture_output=True)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    done = run_faceaudit(command, cwd=work, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
     complete = open_index("index")  # every listed file present, every sha256 right
     assert complete.ntotal == index.ntotal - len(ids)
     from indexing.runs import find_runs, verify_shard
@@ -516,11 +508,7 @@ def noncurrent(uri: str) -> list[str]:
 def deletes_noncurrent_generations(emulator) -> bool:
     """Whether the emulator deletes exactly the noncurrent generation a DELETE names (GCS does)."""
     bucket = "probe-versions"
-    emulator.http.post(
-        f"{emulator.url}/storage/v1/b",
-        params={"project": "test"},
-        json={"name": bucket, "versioning": {"enabled": True}},
-    )
+    emulator.make_bucket(bucket, versioning=True)
     first = int(emulator.upload(bucket, "o", b"one", 0).json()["generation"])
     emulator.upload(bucket, "o", b"two", first)
     emulator.http.delete(f"{emulator.url}/storage/v1/b/{bucket}/o/o", params={"generation": first})
@@ -532,7 +520,7 @@ def deletes_noncurrent_generations(emulator) -> bool:
 
 
 @pytest.mark.parametrize("versioned", [False, True], ids=["plain-bucket", "versioned-bucket"])
-def test_erase_on_gcs(gcs_emulator, pristine, queries, tmp_path, monkeypatch, versioned):  # noqa: F811
+def test_erase_on_gcs(gcs_emulator, pristine, queries, tmp_path, monkeypatch, versioned):
     if versioned and not deletes_noncurrent_generations(gcs_emulator):
         pytest.skip(
             "fake-gcs-server ignores the generation of a DELETE and removes the live object "
@@ -540,12 +528,7 @@ def test_erase_on_gcs(gcs_emulator, pristine, queries, tmp_path, monkeypatch, ve
         )
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     name = "faceaudit-erase-versioned" if versioned else "faceaudit-erase"
-    gcs_emulator.http.post(
-        f"{gcs_emulator.url}/storage/v1/b",
-        params={"project": "test"},
-        json={"name": name, "versioning": {"enabled": versioned}},
-    )
-    root = f"gs://{name}"
+    root = gcs_emulator.make_bucket(name, versioning=versioned)
     upload_tree(pristine / "out" / "runs" / "r1", storage.join(root, "out", "runs", "r1"))
     build_index([storage.join(root, "out")], storage.join(root, "index"))
     cache = tmp_path / "cache"

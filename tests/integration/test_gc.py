@@ -22,7 +22,6 @@ from indexing.gc import parse_duration
 from pipelines.cli import app
 from pipelines.core import storage
 from pipelines.core.orphans import in_progress
-from tests.gcs_emulator import gcs_emulator  # noqa: F401
 
 DIM = 16
 SECRET = b"EMBEDDING-BYTES-THAT-MUST-NEVER-BE-PRINTED"
@@ -155,7 +154,7 @@ def test_gc_keeps_the_version_current_names_even_without_a_manifest(tmp_path):
     assert (index / "20200101T000000Z-deadbeef" / "shard-0.faissindex").exists()
 
 
-def test_gc_in_gcs(gcs_emulator):  # noqa: F811
+def test_gc_in_gcs(gcs_emulator):
     root, index = make_out_and_index(storage.join(gcs_emulator.make_bucket("faceaudit-gc"), "out"))
     plant(root, RUN_FILES)
     plant(index, INDEX_FILES)

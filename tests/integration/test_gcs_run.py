@@ -19,9 +19,10 @@ from PIL import Image, ImageOps
 
 from indexing import build_index, open_index
 from pipelines.core import gcs, storage
-from pipelines.core.config import DatasetSpec, JobConfig
+from pipelines.core.config import JobConfig
 from pipelines.engines.local_engine import run_job
-from tests.gcs_emulator import Fault, fault_proxy, gcs_emulator  # noqa: F401
+from tests.gcs_emulator import Fault
+from tests.helpers import make_job
 
 BUCKET = "faceaudit-it"
 
@@ -58,11 +59,11 @@ def _put(path: Path, data: bytes) -> None:
 
 def job(root: str, out: str) -> JobConfig:
     datasets = [
-        DatasetSpec(name="folder", source=storage.join(root, "folder")),
-        DatasetSpec(name="tars", source=storage.join(root, "tars/*.tar")),
-        DatasetSpec(name="list", source=storage.join(root, "list.txt")),
+        ("folder", storage.join(root, "folder")),
+        ("tars", storage.join(root, "tars/*.tar")),
+        ("list", storage.join(root, "list.txt")),
     ]
-    return JobConfig(datasets=datasets, out=out, run_id="r1", images_per_shard=4, progress=False, workers=2)
+    return make_job(out, *datasets, run_id="r1", images_per_shard=4, workers=2)
 
 
 def rows(run: str, table: str) -> list[dict]:
@@ -92,7 +93,7 @@ def hits(index, vectors: np.ndarray) -> list[list[tuple]]:
 
 
 @pytest.fixture(scope="module")
-def bucket(gcs_emulator, sources) -> str:  # noqa: F811
+def bucket(gcs_emulator, sources) -> str:
     """The sources, uploaded to the emulator."""
     root = gcs_emulator.make_bucket(BUCKET)
     for path in sorted(p for p in sources.rglob("*") if p.is_file()):
@@ -136,7 +137,7 @@ def test_a_run_and_index_in_gcs_equal_the_same_on_disk(bucket, gcs_run, local, t
     assert not [u for u in storage.walk_files(bucket) if storage.TMP_MARK in u]
 
 
-def test_open_index_through_flipped_and_dropped_downloads(bucket, gcs_run, local, tmp_path, fault_proxy):  # noqa: F811
+def test_open_index_through_flipped_and_dropped_downloads(bucket, gcs_run, local, tmp_path, fault_proxy):
     _, local_index, queries = local
     fault_proxy.plan(
         Fault("flip", "GET", "*CURRENT?alt=media*"),
@@ -149,7 +150,7 @@ def test_open_index_through_flipped_and_dropped_downloads(bucket, gcs_run, local
     assert hits(index, queries) == hits(local_index, queries)
 
 
-def test_a_run_through_faults_gives_the_same_rows(bucket, local, fault_proxy, monkeypatch):  # noqa: F811
+def test_a_run_through_faults_gives_the_same_rows(bucket, local, fault_proxy, monkeypatch):
     monkeypatch.setattr(gcs, "BACKOFF_S", 0.01)
     summary, _, _ = local
     fault_proxy.plan(

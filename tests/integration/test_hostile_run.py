@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +21,10 @@ import yaml
 from PIL import Image, ImageOps
 
 from pipelines.core import isolate
-from pipelines.core.config import DatasetSpec, DecodeConfig, JobConfig, RayConfig
+from pipelines.core.config import DecodeConfig, JobConfig, RayConfig
 from pipelines.core.errors import FatalError
 from pipelines.engines.local_engine import run_job
-from tests.helpers import image_rows, read_table, write_small_copies
+from tests.helpers import image_rows, make_job, read_table, run_faceaudit, write_small_copies
 from tests.hostile import (
     SCAN_BOMB_SCANS,
     oriented_jpeg,
@@ -39,7 +37,6 @@ from tests.hostile import (
     write_symlink_loops,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 TIME_BOUND_S = 120  # a hang guard for the whole CLI run (its subprocess timeout is 3x this), not a bound
 # decode.memory_limit_mb of the run: a dlib worker peaks at about 450 MB of address space on
 # these photos. Kept low, so that the out-of-memory image fails after touching little memory.
@@ -61,12 +58,7 @@ def test_hostile_inputs_become_rows_and_the_run_completes(tmp_path, faces_dir):
     upright = _upright_face(faces_dir)
     Image.fromarray(upright).save(tmp_path / "hostile" / "upright.png")
     (tmp_path / "hostile" / "rotated.jpg").write_bytes(oriented_jpeg(upright, orientation=6))
-    job = JobConfig(
-        datasets=[DatasetSpec(name="hostile", source=str(tmp_path / "hostile"))],
-        out=str(tmp_path / "out"),
-        images_per_shard=5,
-        progress=False,
-    )
+    job = make_job(tmp_path / "out", ("hostile", tmp_path / "hostile"), images_per_shard=5)
     summary = run_job(job)
 
     rows = {Path(r["source_uri"]).name: r for r in image_rows(summary.uri)}
@@ -159,7 +151,7 @@ def hostile_cli_run(tmp_path_factory, faces_dir):
             "http": {"timeout_s": 1, "retries": 0, "max_bytes": 8 << 20, "allow_networks": ["127.0.0.0/8"]},
         }
         (root / "job.yaml").write_text(yaml.safe_dump(job))
-        run = _measured(["ingest", "--config", str(root / "job.yaml"), "--no-progress"], root)
+        run = _measured(["ingest", "--config", str(root / "job.yaml"), "--no-progress"], root / "usage.json")
     return dict(run, root=root, run=root / "out" / "runs" / "hostile", expected=expected)
 
 
@@ -181,22 +173,21 @@ json.dump({"code": code, "driver_kb": hwm, "workers_kb": workers}, open(out, "w"
 """
 
 
-def _measured(args: list[str], folder: Path) -> dict:
-    """Run the CLI with ``args``: its exit code, output, wall time and peak RSS."""
-    usage = folder / "usage.json"
-    command = [sys.executable, "-c", _LAUNCHER, str(usage), *args]
-    with open(folder / "stdout", "wb") as out, open(folder / "stderr", "wb") as err:
-        started = time.monotonic()
-        proc = subprocess.run(command, cwd=REPO, stdout=out, stderr=err, timeout=3 * TIME_BOUND_S)
-        seconds = time.monotonic() - started
+def _measured(args: list[str], usage: Path) -> dict:
+    """Run the CLI with ``args`` through _LAUNCHER (its report goes to ``usage``): its exit code,
+    output, wall time and peak RSS. run_faceaudit only starts the launcher and collects its
+    output in files; what is measured is the launcher's own reading."""
+    started = time.monotonic()
+    proc = run_faceaudit(args, entry=("-c", _LAUNCHER, str(usage)), timeout=3 * TIME_BOUND_S)
+    seconds = time.monotonic() - started
     measured = json.loads(usage.read_text()) if usage.exists() else {"code": proc.returncode}
     return {
         "returncode": measured["code"] or proc.returncode,
         "seconds": seconds,
         "driver_rss_mb": measured.get("driver_kb", 0) / 1024,
         "peak_rss_mb": measured.get("workers_kb", 0) / 1024,
-        "stdout": (folder / "stdout").read_bytes().decode("utf-8", "replace"),
-        "stderr": (folder / "stderr").read_bytes().decode("utf-8", "replace"),
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
     }
 
 
@@ -287,12 +278,11 @@ def test_logs_and_error_rows_hold_no_pixels_no_base64_and_no_embeddings(hostile_
 
 def budget_job(folder: Path, out: Path, **extra) -> JobConfig:
     """Two images per unit; the budget is spent once more than a quarter of 4 or more fail."""
-    return JobConfig(
-        datasets=[DatasetSpec(name="bad", source=str(folder))],
-        out=str(out),
+    return make_job(
+        out,
+        ("bad", folder),
         run_id="r",
         images_per_shard=2,
-        progress=False,
         max_error_fraction=0.25,
         min_images_for_budget=4,
         **extra,
@@ -352,12 +342,11 @@ def test_a_decoder_segfault_on_ray_and_beam_is_one_error_row(engine, tmp_path, f
     if engine == "beam":
         (folder / "once.jpg").write_bytes(isolate.TEST_CRASH_ONCE + str(tmp_path / "crashed").encode())
     write_small_copies([faces_dir / "img1.jpg"], folder, max_side=320)
-    job = JobConfig(
-        datasets=[DatasetSpec(name="crash", source=str(folder))],
-        out=str(tmp_path / "out"),
+    job = make_job(
+        tmp_path / "out",
+        ("crash", folder),
         run_id="r",
         images_per_shard=8,
-        progress=False,
         workers=2,
         decode=DecodeConfig(test_hooks=True),
     )

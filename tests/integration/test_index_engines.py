@@ -15,9 +15,8 @@ import pytest
 from indexing import BuildOptions, build_index
 from indexing.runs import sha_keys
 from pipelines.core.errors import FatalError
-from tests.helpers import kill_once
+from tests.helpers import REPO, kill_once
 
-REPO = Path(__file__).resolve().parents[2]
 BEAM_IN_PROCESS = ("--runner=DirectRunner", "--direct_running_mode=in_memory", "--direct_num_workers=1")
 # 4-bit PQ with re-ranking in 4 bundle shards: every kind of bundle file, several shard tasks
 OPTIONS = BuildOptions(max_bytes_per_vector=40, flat_max=0, nlist=1, vectors_per_shard=20)

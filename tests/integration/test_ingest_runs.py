@@ -5,39 +5,20 @@ engine."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pipelines.core.faults import KILL_AT, KILL_ONCE
-from tests.helpers import face_rows, image_rows, manifest, write_small_copies
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def faceaudit(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # so a SIGKILL can reach the worker processes too
-        **kwargs,
-    )
+from tests.helpers import face_rows, image_rows, make_job, manifest, run_faceaudit, write_small_copies
 
 
 def run_ok(*args: str) -> str:
-    proc = faceaudit(*args)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    return out
+    proc = run_faceaudit(args)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -50,24 +31,11 @@ def small_photos(tmp_path_factory, faces_dir) -> Path:
 
 def run_killed(args: list[str], point: str, marker: Path, log: Path) -> int:
     """Run the CLI with kill point ``point`` armed (pipelines.core.faults): the first process to
-    reach it dies by SIGKILL and writes ``marker``. Output goes to ``log``, not a pipe (a killed
-    driver's workers may hold a pipe open); what the driver leaves behind is ended with it."""
-    environ = {k: v for k, v in os.environ.items() if k not in (KILL_AT, KILL_ONCE)}
-    environ.update({KILL_AT: point, KILL_ONCE: str(marker)})
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipelines", *args],
-            cwd=REPO,
-            env=environ,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            return proc.wait(timeout=300)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+    reach it dies by SIGKILL and writes ``marker``. Its output (stdout, then stderr) goes to ``log``;
+    what the driver leaves behind is ended with it (run_faceaudit)."""
+    proc = run_faceaudit(args, env={KILL_AT: point, KILL_ONCE: str(marker)})
+    log.write_text(proc.stdout + proc.stderr)
+    return proc.returncode
 
 
 def test_resume_after_sigkill_gives_the_rows_of_an_uninterrupted_run(tmp_path, small_photos):
@@ -117,9 +85,9 @@ def given_twice(tmp_path_factory, small_photos) -> dict:
     run_ok(*args)
     run = root / "out" / "runs" / "r"
     before = _files(run)
-    proc = faceaudit(*args)
-    stdout, stderr = proc.communicate(timeout=300)
-    return dict(code=proc.returncode, stdout=stdout, stderr=stderr, before=before, after=_files(run))
+    proc = run_faceaudit(args)
+    after = _files(run)
+    return dict(code=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, before=before, after=after)
 
 
 def test_a_committed_run_given_again_does_nothing_and_says_so(given_twice):
@@ -152,16 +120,9 @@ def test_same_bytes_twice_are_embedded_once(tmp_path, small_photos):
         (b / f"again-{name}").write_bytes((small_photos / name).read_bytes())
     (a / "twice.jpg").write_bytes((small_photos / names[0]).read_bytes())
 
-    from pipelines.core.config import DatasetSpec, JobConfig
     from pipelines.engines.local_engine import run_job
 
-    job = JobConfig(
-        datasets=[DatasetSpec(name="a", source=str(a)), DatasetSpec(name="b", source=str(b))],
-        out=str(tmp_path / "out"),
-        images_per_shard=2,
-        progress=False,
-        workers=2,
-    )
+    job = make_job(tmp_path / "out", ("a", a), ("b", b), images_per_shard=2, workers=2)
     summary = run_job(job)
     assert summary.analyzed == 4
     images = image_rows(summary.uri)

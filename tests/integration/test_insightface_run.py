@@ -8,12 +8,12 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from pipelines.core.config import DatasetSpec, JobConfig, ModelConfig  # noqa: E402
+from pipelines.core.config import ModelConfig  # noqa: E402
 from pipelines.core.decode import decode_image  # noqa: E402
 from pipelines.core.errors import ConfigError  # noqa: E402
 from pipelines.core.models import load_model  # noqa: E402
 from pipelines.engines.local_engine import run_job  # noqa: E402
-from tests.helpers import manifest, read_table, write_small_copies  # noqa: E402
+from tests.helpers import make_job, manifest, read_table, write_small_copies  # noqa: E402
 from tests.onnx_models import make_pack  # noqa: E402
 
 
@@ -38,14 +38,13 @@ def model_config(tmp_path_factory) -> ModelConfig:
 @pytest.fixture(scope="module")
 def insightface_run(tmp_path_factory, photos, model_config):
     out = tmp_path_factory.mktemp("if-run")
-    job = JobConfig(
-        datasets=[DatasetSpec(name="small", source=str(photos))],
-        out=str(out),
+    job = make_job(
+        out,
+        ("small", photos),
         run_id="if",
         model=model_config,
         images_per_shard=6,
         workers=2,  # worker processes, each loading the sessions once
-        progress=False,
     )
     return run_job(job)
 
@@ -90,15 +89,7 @@ def test_run_writes_valid_shards(insightface_run, photos, model_config):
 def test_an_index_refuses_to_mix_insightface_and_dlib_vectors(tmp_path, insightface_run, photos):
     from indexing import build_index
 
-    dlib_run = run_job(
-        JobConfig(
-            datasets=[DatasetSpec(name="small", source=str(photos))],
-            out=str(tmp_path / "dlib"),
-            run_id="dlib",
-            workers=1,
-            progress=False,
-        )
-    )
+    dlib_run = run_job(make_job(tmp_path / "dlib", ("small", photos), run_id="dlib", workers=1))
     assert manifest(dlib_run.uri)["model_id"] != manifest(insightface_run.uri)["model_id"]
     with pytest.raises(ConfigError, match="mix models"):
         build_index([insightface_run.uri, dlib_run.uri], str(tmp_path / "index"))

@@ -9,14 +9,10 @@ worker kills only that worker: the engine must retry its unit and the run must s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +21,10 @@ import pytest
 
 from indexing import build_index, open_index
 from pipelines.core import orphans
-from pipelines.core.config import DatasetSpec, JobConfig
 from pipelines.core.faults import KILL_AT, KILL_ONCE
 from pipelines.engines.local_engine import run_job
-from tests.helpers import face_rows, image_rows, manifest, write_small_copies
+from tests.helpers import face_rows, image_rows, make_job, manifest, run_faceaudit, write_small_copies
 
-REPO = Path(__file__).resolve().parents[2]
 RUN_ID = "r"
 PER_SHARD = 3  # 9 images: 3 units of 3, so a kill can fall between units and inside one
 PHOTOS = 8
@@ -77,14 +71,7 @@ def photos(tmp_path_factory, faces_dir) -> Path:
 def reference(tmp_path_factory, photos) -> Path:
     """The uninterrupted run (in this process, the settings of the killed runs)."""
     out = tmp_path_factory.mktemp("kill-reference")
-    job = JobConfig(
-        datasets=[DatasetSpec(name="faces", source=str(photos))],
-        out=str(out),
-        run_id=RUN_ID,
-        images_per_shard=PER_SHARD,
-        workers=1,
-        progress=False,
-    )
+    job = make_job(out, ("faces", photos), run_id=RUN_ID, images_per_shard=PER_SHARD, workers=1)
     return Path(run_job(job).uri)
 
 
@@ -114,32 +101,17 @@ class Outcome:
 
 
 def run_cli(args: list[str], tmp: Path, point: str | None = None, **env: str) -> Outcome:
+    """The CLI to its end (run_faceaudit: output in files, not pipes, since a killed job's orphans
+    may hold a pipe open; a SIGKILLed driver's own subprocesses, such as Beam's decode pool, outlive
+    it blocked for good and are ended with it, as the loss of its machine would)."""
     marker = tmp / f"killed-{len(list(tmp.glob('killed-*')))}"
-    environ = {k: v for k, v in os.environ.items() if k not in (KILL_AT, KILL_ONCE)}
-    environ.update(env)
     if point:
-        environ.update({KILL_AT: point, KILL_ONCE: str(marker)})
-    log = marker.with_name(marker.name.replace("killed", "stderr"))
-    with open(log, "w") as err:  # a file, not a pipe: a killed job's orphans may hold a pipe open
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipelines", *args],
-            cwd=REPO,
-            env=environ,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            start_new_session=True,
-        )
-        try:
-            proc.wait(timeout=300)
-        finally:
-            # A SIGKILLed driver's own subprocesses (Beam's decode pool) outlive it, blocked for
-            # good: end them with it, as the loss of its machine would.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        env.update({KILL_AT: point, KILL_ONCE: str(marker)})
+    proc = run_faceaudit(args, env=env)
     killed = None
     if marker.exists():  # the process that died wrote its pid there first
         killed = "driver" if int(marker.read_text().split()[0]) == proc.pid else "worker"
-    return Outcome(proc.returncode, killed, log.read_text()[-3000:])
+    return Outcome(proc.returncode, killed, proc.stderr[-3000:])
 
 
 def ingest(out: Path, photos: Path, engine: str, **kw) -> Outcome:

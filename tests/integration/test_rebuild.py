@@ -8,11 +8,8 @@ exactly how much work a rebuild did.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,10 +25,8 @@ from pipelines.core.config import DecodeConfig
 from pipelines.core.locks import LOCK_NAME, SWEEP_LOCK
 from pipelines.rebuild.config import RebuildConfig
 from pipelines.rebuild.driver import rebuild
-from tests.gcs_emulator import gcs_emulator  # noqa: F401 - the session's fake-gcs-server
-from tests.helpers import read_table, write_small_copies
+from tests.helpers import CLI, read_table, run_faceaudit, start_faceaudit, write_small_copies
 
-REPO = Path(__file__).resolve().parents[2]
 N_PHOTOS = 14
 
 
@@ -241,17 +236,8 @@ def test_killed_rebuild_keeps_the_previous_version(tmp_path, base, pool, stage, 
     served = search_all(root / "index", queries)
     old_faces = face_ids(root / "index")
     dataset(root, "gamma", pool[7:10])  # one unit: a photo without a face and two with one each
-    env = {**os.environ, "FACEAUDIT_KILL_AT": point}
-    env.pop("FACEAUDIT_KILL_ONCE", None)
-    entry = ["-c", CHECKED_WRAPPER] if point == "test.rebuild.checked" else ["-m", "pipelines"]
-    proc = subprocess.run(
-        [sys.executable, *entry, *cli_args(root)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    entry = ["-c", CHECKED_WRAPPER] if point == "test.rebuild.checked" else CLI
+    proc = run_faceaudit(cli_args(root), env={"FACEAUDIT_KILL_AT": point}, entry=entry)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert current(root) == before  # the killed rebuild's version never became CURRENT
     assert search_all(root / "index", queries) == served  # the same version serves the same faces
@@ -289,15 +275,7 @@ def test_two_rebuilds_at_once(tmp_path, base, pool):
     shutil.copytree(base / "index", root / "index")
     dataset(root, "delta", pool[8:9])
     go = tmp_path / "go"
-    env = {**os.environ, "FACEAUDIT_PAUSE_AT": f"rebuild.locked:{go}"}
-    first = subprocess.Popen(
-        [sys.executable, "-m", "pipelines", *cli_args(root)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = start_faceaudit(cli_args(root), env={"FACEAUDIT_PAUSE_AT": f"rebuild.locked:{go}"})
     try:
         lock = root / "index" / LOCK_NAME
         deadline = time.monotonic() + 120
@@ -381,7 +359,7 @@ def test_reports_are_written_and_parse(base):
 
 
 @pytest.fixture
-def gcs_bucket(gcs_emulator):  # noqa: F811
+def gcs_bucket(gcs_emulator):
     return gcs_emulator.make_bucket(f"rebuild-{time.time_ns()}")
 
 

@@ -30,16 +30,22 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.core import orphans, storage
-from pipelines.core.config import DatasetSpec, JobConfig
-from pipelines.core.faults import KILL_AT, KILL_ONCE
+from pipelines.core.config import JobConfig
+from pipelines.core.faults import KILL_AT
 from pipelines.core.locks import LockHeld
 from pipelines.core.names import BadName
 from pipelines.core.run import RunLock, hold_run
 from pipelines.core.writer import RUN_LOCK, RUN_PLAN, read_manifest
-from tests.gcs_emulator import gcs_emulator  # noqa: F401
-from tests.helpers import image_rows, manifest, write_small_copies
+from tests.helpers import (
+    REPO,
+    image_rows,
+    make_job,
+    manifest,
+    run_faceaudit,
+    start_faceaudit,
+    write_small_copies,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 EXIT_LOCKED = 3
 GUARD_S = 300  # only ever reached when the code under test is broken: then the test fails, not hangs
 
@@ -70,18 +76,6 @@ def shard_files(run: Path) -> dict[str, tuple[int, str]]:
         p.relative_to(run).as_posix(): (p.stat().st_ino, hashlib.sha256(p.read_bytes()).hexdigest())
         for p in run.glob("*/part-*.parquet")
     }
-
-
-def faceaudit(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def cli(*args: str):
@@ -130,8 +124,8 @@ def test_the_attack_through_a_real_process(tmp_path, photos):
     (victim / "images").mkdir(parents=True)
     (victim / "images" / "part-planted.parquet").write_bytes(b"victim")
     before = tree(tmp_path)
-    proc = faceaudit("ingest", "--dataset", f"d={data}", "--out", str(out), "--run-id", "../../victim")
-    _, err = proc.communicate(timeout=300)
+    proc = run_faceaudit(["ingest", "--dataset", f"d={data}", "--out", str(out), "--run-id", "../../victim"])
+    err = proc.stderr
     assert proc.returncode == 2, err
     assert err.strip().splitlines() == [
         "error: run id '../../victim' is not allowed: use 1 to 128 of A-Z a-z 0-9 . _ -, starting with "
@@ -210,15 +204,16 @@ def test_a_second_ingest_on_a_running_run_id_exits_3_and_the_first_completes(tmp
         "http: {timeout_s: 600, retries: 0, allow_networks: [127.0.0.0/8]}\n"
     )
     run = out / "runs" / "shared"
-    a = faceaudit("ingest", "--config", str(job))
+    a = start_faceaudit(["ingest", "--config", str(job)])
     try:
         wait_for("its http image", held.asked.is_set, a)
         wait_for("two committed units", lambda: len(list(run.glob("images/part-*.parquet"))) >= 2, a)
         committed_by_a = shard_files(run)
 
         b_data = folder_of(tmp_path, "b-data", theirs)
-        b = faceaudit("ingest", "--dataset", f"theirs={b_data}", "--out", str(out), "--run-id", "shared")
-        _, b_err = b.communicate(timeout=GUARD_S)
+        b_args = ["ingest", "--dataset", f"theirs={b_data}", "--out", str(out), "--run-id", "shared"]
+        b = run_faceaudit(b_args, timeout=GUARD_S)
+        b_err = b.stderr
         assert b.returncode == EXIT_LOCKED, b_err
         assert f"held by {socket.gethostname()}:{a.pid}" in b_err
         assert "ingest run shared is in progress" in b_err
@@ -251,11 +246,10 @@ def test_resuming_a_run_with_another_plan_exits_3_and_deletes_nothing(tmp_path, 
     a_data = folder_of(tmp_path, "a-data", photos[:3])
     out = tmp_path / "out"
     common = ["--out", str(out), "--run-id", "r", "--workers", "1", "--no-progress", "--images-per-shard"]
-    env = {k: v for k, v in os.environ.items() if k not in (KILL_AT, KILL_ONCE)}
-    killed = faceaudit(
-        "ingest", "--dataset", f"mine={a_data}", *common, "1", env={**env, KILL_AT: "run.before_manifest"}
+    killed = run_faceaudit(
+        ["ingest", "--dataset", f"mine={a_data}", *common, "1"], env={KILL_AT: "run.before_manifest"}
     )
-    _, err = killed.communicate(timeout=300)
+    err = killed.stderr
     assert killed.returncode == -signal.SIGKILL, err
     run = out / "runs" / "r"
     committed = shard_files(run)
@@ -292,13 +286,7 @@ def job_for(tmp_path: Path, photos: list[Path], engine: str = "local") -> JobCon
     data = tmp_path / "data"
     if not data.exists():
         folder_of(tmp_path, "data", photos[:1])
-    return JobConfig(
-        datasets=[DatasetSpec(name="d", source=str(data))],
-        out=str(tmp_path / "out"),
-        run_id="locked",
-        engine=engine,
-        progress=False,
-    )
+    return make_job(tmp_path / "out", ("d", data), run_id="locked", engine=engine)
 
 
 @pytest.mark.parametrize("engine", ["local", "ray", "beam"])
@@ -384,7 +372,7 @@ def test_a_plan_is_persisted_once_and_the_lock_is_held_for_the_block(tmp_path, p
     assert not (Path(state.uri) / RUN_LOCK).exists()
 
 
-def test_the_run_lock_on_gcs(gcs_emulator):  # noqa: F811
+def test_the_run_lock_on_gcs(gcs_emulator):
     bucket = gcs_emulator.make_bucket("run-lock")
     run = storage.join(bucket, "out", "runs", "r")
     with RunLock(run, "r"):

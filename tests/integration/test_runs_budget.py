@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.core.config import DatasetSpec, JobConfig
+from pipelines.core.config import JobConfig
 from pipelines.core.errors import FatalError
 from pipelines.engines import beam_engine
-from tests.helpers import image_rows, manifest, write_small_copies
+from tests.helpers import image_rows, make_job, manifest, write_small_copies
 from tests.integration.test_engines import BEAM_IN_PROCESS
 
 PHOTOS = ("img1.jpg", "img2.jpg")
@@ -37,12 +37,11 @@ def mixed(folder: Path, photos: Path, bad: int, good: int) -> Path:
 def job(folder: Path, out: Path) -> JobConfig:
     """max_error_fraction 0.5 once 2 images have finished (the default minimum, 200, would keep
     the budget out of a small run)."""
-    return JobConfig(
-        datasets=[DatasetSpec(name="mixed", source=str(folder))],
-        out=str(out),
+    return make_job(
+        out,
+        ("mixed", folder),
         run_id="r",
         images_per_shard=2,
-        progress=False,
         workers=1,
         max_error_fraction=0.5,
         min_images_for_budget=2,

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.core.config import DatasetSpec, DecodeConfig, JobConfig
+from pipelines.core.config import DecodeConfig
 from pipelines.engines.local_engine import run_job
-from tests.helpers import image_rows, manifest, write_small_copies
+from tests.helpers import image_rows, make_job, manifest, write_small_copies
 from tests.hostile import png_bytes
 
 PHOTOS = ("img1.jpg", "img2.jpg", "img3.jpg")
@@ -24,12 +24,11 @@ def test_an_image_past_the_memory_limit_fails_alone_and_the_run_goes_on(tmp_path
     # 640 MB. Named to come first: the one worker must go on to the photos after it.
     (folder / "a-oom.png").write_bytes(png_bytes(14_000, 14_000, 8, 2, b"\x00" * 1024))
     write_small_copies([faces_dir / name for name in PHOTOS], folder, max_side=320)
-    job = JobConfig(
-        datasets=[DatasetSpec(name="mem", source=str(folder))],
-        out=str(tmp_path / "out"),
+    job = make_job(
+        tmp_path / "out",
+        ("mem", folder),
         run_id="r",
         workers=1,
-        progress=False,
         decode=DecodeConfig(memory_limit_mb=640, max_pixels=200_000_000),
     )
     summary = run_job(job)

@@ -1,11 +1,8 @@
-from pathlib import Path
-
 import pytest
 
 from pipelines.core.config import DatasetSpec, load_job, load_registry, validate_job
 from pipelines.core.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def test_every_shipped_config_loads():

@@ -1,11 +1,11 @@
 """The KubeRay recipe keeps the Ray head's unauthenticated Jobs API inside the cluster: a ClusterIP
 head Service and a NetworkPolicy that admits only the job's submitter and the Ray pods."""
 
-from pathlib import Path
-
 import yaml
 
-INFRA = Path(__file__).resolve().parents[2] / "infra" / "kuberay"
+from tests.helpers import REPO
+
+INFRA = REPO / "infra" / "kuberay"
 
 
 def test_the_head_service_is_cluster_internal():
@@ -29,7 +29,6 @@ def test_a_network_policy_admits_only_the_submitter_and_ray_pods():
     assert "networkpolicy.yaml" in (INFRA / "rayjob.yaml").read_text()  # the apply line names it
 
 
-REPO = INFRA.parents[1]
 DOCKERFILES = {
     "infra/docker/Dockerfile.cpu": "cpu.txt",
     "infra/docker/Dockerfile.gpu": "gpu.txt",

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 CORE = REPO / "pipelines" / "core"
 FORBIDDEN = ("ray", "apache_beam", "pipelines.engines", "pipelines.cli", "indexing")
 LAYERS = ("pipelines.core", "pipelines.engines", "indexing", "applications")

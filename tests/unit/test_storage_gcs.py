@@ -8,13 +8,13 @@ import threading
 import pytest
 
 from pipelines.core import gcs, storage
-from tests.gcs_emulator import Fault, fault_proxy, gcs_emulator, precondition_failures  # noqa: F401
+from tests.gcs_emulator import Fault, precondition_failures
 
 BUCKET = "unit"
 
 
 @pytest.fixture(scope="module")
-def bucket(gcs_emulator) -> str:  # noqa: F811
+def bucket(gcs_emulator) -> str:
     return gcs_emulator.make_bucket(BUCKET)
 
 
@@ -29,7 +29,7 @@ def root(bucket, request) -> str:
     return storage.join(bucket, request.node.name.replace("[", "-").replace("]", ""))
 
 
-def test_the_emulator_enforces_generation_preconditions(gcs_emulator):  # noqa: F811
+def test_the_emulator_enforces_generation_preconditions(gcs_emulator):
     assert precondition_failures(gcs_emulator) == []
 
 
@@ -105,7 +105,7 @@ def test_concurrent_compare_and_swap_loses_no_update(cas_uri):
 # ---------------------------------------------------------------- faults
 
 
-def test_503s_are_retried(root, fault_proxy):  # noqa: F811
+def test_503s_are_retried(root, fault_proxy):
     fault_proxy.plan(Fault("503", "POST", "/upload/*", times=3), Fault("503", "GET", "*alt=media*", times=2))
     uri = storage.join(root, "m.json")
     storage.write_atomic(uri, b"{}", create_only=True)
@@ -113,14 +113,14 @@ def test_503s_are_retried(root, fault_proxy):  # noqa: F811
     assert [k for k, _, _ in fault_proxy.injected] == ["503"] * 5
 
 
-def test_a_lost_reply_then_412_is_success_when_the_bytes_are_ours(root, fault_proxy):  # noqa: F811
+def test_a_lost_reply_then_412_is_success_when_the_bytes_are_ours(root, fault_proxy):
     fault_proxy.plan(Fault("drop", "POST", "/upload/*"))
     uri = storage.join(root, "m.json")
     storage.write_atomic(uri, b"ours", create_only=True)  # the retry meets 412: our own write
     assert fault_proxy.injected and storage.read_bytes(uri) == b"ours"
 
 
-def test_a_lost_reply_then_412_is_a_conflict_when_the_bytes_are_not_ours(root, fault_proxy):  # noqa: F811
+def test_a_lost_reply_then_412_is_a_conflict_when_the_bytes_are_not_ours(root, fault_proxy):
     uri = storage.join(root, "m.json")
     storage.write_atomic(uri, b"theirs", create_only=True)
     fault_proxy.plan(Fault("drop", "POST", "/upload/*"))
@@ -129,7 +129,7 @@ def test_a_lost_reply_then_412_is_a_conflict_when_the_bytes_are_not_ours(root, f
     assert storage.read_bytes(uri) == b"theirs"
 
 
-def test_compare_and_swap_survives_a_lost_reply(root, fault_proxy):  # noqa: F811
+def test_compare_and_swap_survives_a_lost_reply(root, fault_proxy):
     uri = storage.join(root, "CURRENT")
     _, token = storage.read_versioned(uri)
     token = storage.write_if_unchanged(uri, b"v1\n", token)
@@ -138,7 +138,7 @@ def test_compare_and_swap_survives_a_lost_reply(root, fault_proxy):  # noqa: F81
     assert storage.read_versioned(uri) == (b"v2\n", new)
 
 
-def test_persistent_503_fails_clearly_and_leaves_nothing(root, fault_proxy):  # noqa: F811
+def test_persistent_503_fails_clearly_and_leaves_nothing(root, fault_proxy):
     fault_proxy.plan(Fault("503", "POST", "/upload/*", times=gcs.ATTEMPTS))
     uri = storage.join(root, "m.json")
     with pytest.raises(gcs.GcsError, match="still failing after"):
@@ -146,7 +146,7 @@ def test_persistent_503_fails_clearly_and_leaves_nothing(root, fault_proxy):  # 
     assert not storage.exists(uri)
 
 
-def test_a_flipped_byte_in_a_download_is_caught_and_read_again(root, fault_proxy):  # noqa: F811
+def test_a_flipped_byte_in_a_download_is_caught_and_read_again(root, fault_proxy):
     uri = storage.join(root, "img.jpg")
     data = bytes(range(256)) * 64
     storage.write_atomic(uri, data)
@@ -159,7 +159,7 @@ def test_a_flipped_byte_in_a_download_is_caught_and_read_again(root, fault_proxy
     assert len(fault_proxy.injected) == 3
 
 
-def test_a_byte_flipped_on_every_try_is_an_error(root, fault_proxy):  # noqa: F811
+def test_a_byte_flipped_on_every_try_is_an_error(root, fault_proxy):
     uri = storage.join(root, "img.jpg")
     storage.write_atomic(uri, b"x" * 1000)
     fault_proxy.plan(Fault("flip", "GET", "*alt=media*", times=gcs.ATTEMPTS))
@@ -167,7 +167,7 @@ def test_a_byte_flipped_on_every_try_is_an_error(root, fault_proxy):  # noqa: F8
         storage.read_bytes(uri)
 
 
-def test_a_streamed_large_object_is_checked_at_its_end(root, fault_proxy, monkeypatch):  # noqa: F811
+def test_a_streamed_large_object_is_checked_at_its_end(root, fault_proxy, monkeypatch):
     monkeypatch.setattr(gcs, "WHOLE_READ", 1024)  # stream anything larger than 1 KiB
     uri = storage.join(root, "shard.tar")
     data = hashlib.sha256(b"seed").digest() * 4096
@@ -199,7 +199,7 @@ def test_a_model_pack_is_fetched_from_gcs(root, tmp_path):
     assert (folder / "det.onnx").read_bytes() == b"det"
 
 
-def test_an_upload_stored_with_other_bytes_is_deleted_and_reported(root, fault_proxy):  # noqa: F811
+def test_an_upload_stored_with_other_bytes_is_deleted_and_reported(root, fault_proxy):
     # Real GCS refuses a body that does not match the crc32c sent with it; fake-gcs-server stores
     # it, which lets this test reach the client's own check of what the server says it stored.
     uri = storage.join(root, "faces/part-0.parquet")
