@@ -7,7 +7,9 @@ without have the same format and either can be served by either.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
+from functools import cache
 
 import faiss
 
@@ -15,17 +17,49 @@ from pipelines.core.errors import ConfigError
 
 INSTALL_HINT = "pip install 'faceaudit[gpu]' (faiss-gpu-cu12; needs an NVIDIA driver for CUDA 12)"
 
+log = logging.getLogger(__name__)
+
+
+def describe() -> dict:
+    """Which faiss this process loaded: faiss-cpu and faiss-gpu-cu12 both install ``faiss``, and
+    whichever was installed last shadows the other, so the file and the build are what tell."""
+    gpu_build = hasattr(faiss, "StandardGpuResources")
+    return {
+        "faiss_file": getattr(faiss, "__file__", None),
+        "faiss_version": getattr(faiss, "__version__", None),
+        "gpu_build": gpu_build,
+        "gpus": faiss.get_num_gpus() if gpu_build else 0,
+    }
+
+
+@cache
+def _log_once() -> None:
+    info = describe()
+    log.info(
+        "faiss %s from %s: %s build, %d GPU(s) visible",
+        info["faiss_version"],
+        info["faiss_file"],
+        "GPU" if info["gpu_build"] else "CPU",
+        info["gpus"],
+    )
+
 
 def available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def wanted(use_gpu: bool | None) -> bool:
-    """None: use a GPU when one is there. True: require one, with a clear error if missing."""
+    """None: use a GPU when one is there. True: require one, with a clear error if missing.
+    Logs once which faiss was loaded (``describe``)."""
+    _log_once()
     if use_gpu is None:
         return available()
     if use_gpu and not available():
-        raise ConfigError(f"a GPU was asked for but faiss sees none; {INSTALL_HINT}")
+        info = describe()
+        raise ConfigError(
+            f"a GPU was asked for but faiss sees none (faiss {info['faiss_version']} from "
+            f"{info['faiss_file']}, {'GPU' if info['gpu_build'] else 'CPU'} build); {INSTALL_HINT}"
+        )
     return use_gpu
 
 
