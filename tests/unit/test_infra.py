@@ -33,7 +33,12 @@ REPO_PATH = re.compile(r"(?<![\w-])((?:infra|configs|pipelines|indexing|bench|te
 COMMAND = re.compile(r"(?<![\w./:-])faceaudit ((?:[a-z][\w-]* ?)+)([^\n|]*)")
 # Words that may follow "faceaudit" in prose. Any other word there must be a command: a mistyped
 # command name fails the test instead of being taken for prose.
-PROSE = frozenset({"itself"})  # "... then faceaudit itself" (the package, in the Dockerfiles)
+PROSE = frozenset(
+    {
+        "itself",  # "... then faceaudit itself" (the package, in the Dockerfiles)
+        "with",  # "installs faceaudit with its test tools" (a comment in the README's code)
+    }
+)
 
 
 def _cli_commands() -> dict[str, set[str]]:
@@ -45,6 +50,7 @@ def _cli_commands() -> dict[str, set[str]]:
             path = f"{prefix} {name}".strip()
             found[path] = {opt for param in sub.params for opt in getattr(param, "opts", [])}
             found[path] |= {opt for param in sub.params for opt in getattr(param, "secondary_opts", [])}
+            found[path].add("--help")
             walk(sub, path)
 
     walk(typer.main.get_command(app), "")
@@ -210,3 +216,131 @@ def test_clusters_ask_for_gpu_workers():
 def test_scripts_are_valid_bash(path):
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
     assert path.stat().st_mode & 0o111, f"{path.name} is not executable"
+
+
+# --- the prose: every `faceaudit` command and flag named in the README and docs/ ---------------
+
+# flags of other tools that the prose names in a code span of their own, with the tool
+OTHER_TOOLS_FLAGS = {
+    "--no-deps": "pip",
+    "--require-hashes": "pip",
+    "--pack": "bench/gpu.py",
+    "--budget": "bench/gpu.py",
+    "--n": "bench/index.py",
+    "--wheels": "bench/gpu.py",
+}
+PROSE_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def _code_in(markdown: str) -> str:
+    """The code of a Markdown text: its fenced blocks and inline code spans, one per line. Prose
+    outside them says "faceaudit" as the project's name ("faceaudit reads ..."), not a command."""
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", markdown, re.M | re.S)
+    rest = re.sub(r"^```[^\n]*\n.*?^```", "", markdown, flags=re.M | re.S)
+    spans = re.findall(r"`([^`\n]+)`", rest)
+    return "\n".join(blocks + spans)
+
+
+@pytest.mark.parametrize("path", PROSE_FILES, ids=lambda p: p.name)
+def test_faceaudit_commands_and_flags_in_prose_exist(path, tmp_path):
+    code = tmp_path / path.name
+    code.write_text(_code_in(path.read_text()))
+    test_faceaudit_commands_and_flags_exist(code)
+    # a code span that is a flag alone (`--keep-versions N`) names a flag of some command
+    every = set().union(*_cli_commands().values()) | _beam_options() | set(OTHER_TOOLS_FLAGS)
+    for span in re.findall(r"`(--[a-z][\w-]*)[^`]*`", path.read_text()):
+        assert span in every, f"{path.name}: no faceaudit command has {span}"
+
+
+def test_the_prose_check_catches_a_flag_no_command_has(tmp_path):
+    doc = tmp_path / "ops.md"
+    doc.write_text("faceaudit reads versions older than `--gc-grace-s`: `faceaudit prune --gc-grace-s 60`\n")
+    with pytest.raises(AssertionError, match="--gc-grace-s"):
+        (tmp_path / "out").mkdir()
+        test_faceaudit_commands_and_flags_in_prose_exist(doc, tmp_path / "out")
+
+
+# --- the recipes would really run (each a check of an error the first recipes had) --------------
+
+LOCKS = INFRA / "requirements"
+
+
+def _pin(lock: str, package: str) -> str:
+    (version,) = re.findall(rf"^{re.escape(package)}(?:\[[\w,]+\])?==(\S+)", (LOCKS / lock).read_text(), re.M)
+    return version
+
+
+def test_gpu_jobs_name_a_pack_the_workers_can_read():
+    """No image or mount holds ~/.insightface/models: a GPU job's pack is a gs:// URI with its
+    SHA256SUMS, and it asks only for providers the GPU image has (no TensorRT there)."""
+    for path in sorted((INFRA / "jobs").glob("*.yaml")):
+        model = load_job(path).model
+        if model.backend != "insightface":
+            continue
+        assert model.pack and model.pack.startswith("gs://"), f"{path.name}: pack {model.pack}"
+        assert (model.pack_sha256 or f"{model.pack}/SHA256SUMS").startswith("gs://")
+        assert "tensorrt" not in model.providers and "cuda" in model.providers, path.name
+
+
+def test_the_readme_suggests_no_provider_the_gpu_image_lacks():
+    section = (REPO / "README.md").read_text().split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
+    for providers in re.findall(r"providers: \[([^\]]*)\]", section):
+        assert "tensorrt" not in providers, providers
+    assert "tensorrt" not in (INFRA / "docker" / "Dockerfile.gpu").read_text().lower()
+
+
+def test_the_cronjob_rebuilds_from_a_real_registry_with_sized_workers():
+    cron = yaml.safe_load((INFRA / "k8s" / "rebuild-cronjob.yaml").read_text())
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    registries = args[args.index("--registry") + 1].split(",")
+    # the catalogue baked into the image (/app = the repository root there), then the operator's
+    assert registries[0] == "/app/configs/datasets/catalog" and (REPO / "configs/datasets/catalog").is_dir()
+    assert registries[-1] == "/registry"
+    text = (INFRA / "k8s" / "rebuild-cronjob.yaml").read_text()
+    assert "--from-file=configs/datasets/" not in text, "configs/datasets/ is the test photos' entry"
+    workers = int(args[args.index("--workers") + 1])
+    resources = container["resources"]
+    assert workers == int(resources["requests"]["cpu"]), "one worker per requested CPU, not per node core"
+    limit_gib = int(resources["limits"]["memory"].removesuffix("Gi"))
+    assert workers * 3 + 4 <= limit_gib, "3 GiB per dlib worker and 4 GiB for the index build"
+
+
+def test_image_tags_never_move():
+    """No recipe names a moving tag (latest, cpu, gpu): images are tagged with the commit."""
+    for path in TEXT_FILES:
+        text = path.read_text()
+        assert ":latest" not in text, path.name
+        for image in re.findall(r"(?:docker\.pkg\.dev|REGISTRY)/\S+", text):
+            image = image.strip("\"'`,)")
+            if image.startswith("REGISTRY/") or "docker.pkg.dev/" in image:
+                tag = image.rsplit("/", 1)[-1].partition(":")[2]
+                assert tag in ("", "GIT_SHA", "$IMAGE_TAG", '"$(git'), f"{path.name}: {image}"
+    for rel in ("ray/gcp-gpu.yaml", "kuberay/rayjob.yaml", "k8s/rebuild-cronjob.yaml"):
+        images = re.findall(r"image: (\S+)", (INFRA / rel).read_text())
+        assert images and all(i.endswith(":GIT_SHA") for i in images), rel
+
+
+def test_images_run_as_a_numeric_non_root_user():
+    for rel in ("docker/Dockerfile.cpu", "docker/Dockerfile.gpu"):
+        users = re.findall(r"^USER (\S+)", (INFRA / rel).read_text(), re.M)
+        assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), rel
+    cron = yaml.safe_load((INFRA / "k8s" / "rebuild-cronjob.yaml").read_text())
+    assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"]
+
+
+def test_the_build_context_leaves_out_the_venv():
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "**/__pycache__"} <= set(ignored)
+    for copied in ("pipelines", "indexing", "configs", "infra", "pyproject.toml", "README.md"):
+        assert copied not in ignored
+
+
+def test_one_ray_and_one_beam_across_the_images():
+    rayjob = yaml.safe_load((INFRA / "kuberay" / "rayjob.yaml").read_text())
+    assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == _pin("gpu.txt", "ray") == _pin("cpu.txt", "ray")
+    beams = {lock: _pin(lock, "apache-beam") for lock in ("cpu.txt", "gpu.txt", "dataflow.txt")}
+    assert len(set(beams.values())) == 1, beams
+    for dockerfile in ("Dockerfile.worker", "Dockerfile.worker-gpu"):
+        (arg,) = re.findall(r"ARG BEAM_VERSION=(\S+)", (INFRA / "dataflow" / dockerfile).read_text())
+        assert arg == beams["dataflow.txt"], dockerfile
