@@ -228,6 +228,8 @@ OTHER_TOOLS_FLAGS = {
     "--budget": "bench/gpu.py",
     "--n": "bench/index.py",
     "--wheels": "bench/gpu.py",
+    "--additional-pipeline-options": "gcloud dataflow flex-template run",
+    "--additional-experiments": "gcloud dataflow flex-template run",
 }
 PROSE_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
