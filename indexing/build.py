@@ -186,6 +186,7 @@ def add_shards(
     storage.remove(storage.join(folder, BUILD_DIR))
     shards = [r.entry for r in results]
     lookup.add_tables(folder, shards)  # the range look-up's hash tables, beside the metadata
+    watch.lap("range_tables")
     truth = merged_top_k(sample.queries, results)
     report = measure_recall(
         folder, shards, plan, opts, sample.queries, sample.query_ids, truth, model_id, dim

@@ -162,7 +162,9 @@ class RangeTables:
             table = pq.read_table(path, memory_map=True)
             if table.schema.names != SCHEMA.names:
                 raise QueryError(f"{entry['file']}: not a hash table faceaudit writes")
-            raw = np.frombuffer(b"".join(table.column("hash").to_pylist()) or b"", dtype=np.uint8)
+            hashes = table.column("hash").combine_chunks()
+            raw = np.frombuffer(hashes.buffers()[1], dtype=np.uint8) if len(hashes) else np.zeros(0, np.uint8)
+            raw = raw[hashes.offset * 32 : (hashes.offset + len(hashes)) * 32]
             heads = raw.reshape(-1, 32)[:, :4].copy().view(">u4").ravel() >> 12
             out.tables.append(_Table(heads.astype(np.uint32), table))
             out.rows += table.num_rows
