@@ -22,6 +22,7 @@ from pipelines.core.faults import checkpoint
 
 from .. import bundle, download
 from ..faiss_io import load_writable, move_to_ondisk
+from ..lookup import hash_rows
 from .report import Report
 
 METADATA_ROW_GROUP = 4096
@@ -137,9 +138,10 @@ def rewrite_shard(src: str, dst: str, entry: dict, ids: np.ndarray, gone: np.nda
             f"{entry['index']['file']}: removed {n} of {int(gone.sum())} faces; the shard and "
             "its id list disagree, erase stops before changing the bundle"
         )
-    new = {k: v for k, v in entry.items() if k not in ("index", "ivfdata", "ids", "metadata", "vectors")}
+    rewritten = ("index", "ivfdata", "ids", "metadata", "vectors", "hashes")
+    new = {k: v for k, v in entry.items() if k not in rewritten}
     new["ntotal"] = int(index.ntotal)
-    for key in ("index", "ids", "metadata", "vectors", "ivfdata"):
+    for key in rewritten:
         if entry.get(key):
             storage.make_dirs(os.path.dirname(os.path.join(dst, entry[key]["file"])) or dst)
     if on_disk:
@@ -160,7 +162,18 @@ def rewrite_shard(src: str, dst: str, entry: dict, ids: np.ndarray, gone: np.nda
         new["vectors"] = commit_file(
             dst, revised(entry["vectors"]["file"], revision), lambda p: copy_rows(store, ~gone, p)
         )
+    if entry.get("hashes"):  # the range look-up's table: hashes of the erased images' URLs go too
+        new["hashes"] = rewrite_hashes(dst, new["metadata"]["file"], entry["hashes"], revision)
     return new
+
+
+def rewrite_hashes(dst: str, metadata: str, entry: dict, revision: int) -> dict:
+    """The shard's hash table made again from its rewritten metadata."""
+    table = hash_rows(pq.read_table(os.path.join(dst, metadata), columns=["image_sha256", "occurrences"]))
+    new = commit_file(
+        dst, revised(entry["file"], revision), lambda p: pq.write_table(table, p, compression="zstd")
+    )
+    return {**new, "rows": table.num_rows}
 
 
 def commit_file(folder: str, name: str, write) -> dict:

@@ -50,3 +50,26 @@ def test_each_destination_is_recorded_once(faces_run, tmp_path):
     export(index, str(tmp_path / "b"))
     record_export(index, str(tmp_path / "a"))  # again: no second record
     assert sorted(recorded_exports(index)) == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+def test_an_erasure_rewrites_the_range_tables_of_the_index_and_its_exports(faces_run, tmp_path):
+    """The look-up's hash tables name images: an image erased whole leaves every table, the
+    index's and an export's, and the bundles still verify (the export made before the erasure)."""
+    from indexing.export import verify_bundle
+    from indexing.lookup import RangeTables
+
+    index, to = str(tmp_path / "index"), str(tmp_path / "export")
+    build_index([faces_run.uri], index)
+    export(index, to)
+    source = open_index(index)
+    victim = sorted(source.shards[0].metadata.file.read(columns=["image_sha256"]).column(0).to_pylist())[0]
+    found, whole = find_by_ids(source, image_shas=[victim])
+    source.close()
+    erase(index, found, whole_images=whole)
+
+    for root in (index, to):
+        folder, manifest = verify_bundle(root)
+        tables = RangeTables.open(folder, manifest)
+        assert tables.available
+        shas = {s for t in tables.tables for s in t.table.column("image_sha256").to_pylist()}
+        assert victim not in shas and shas  # the erased image's hashes are gone, the others stay
