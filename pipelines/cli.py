@@ -174,83 +174,24 @@ def main() -> None:  # pragma: no cover - console entry point
     app()
 
 
-def _mount_indexing() -> None:
-    from .commands.index import index_app, search
-
-    app.add_typer(index_app, name="index")
-    app.command("search")(search)
-
-
-_mount_indexing()
-
-
-def _mount_rebuild() -> None:
+def _mount_commands() -> None:
+    """Every command on the one entry point; each module is imported here, after ``app`` exists."""
+    from .commands import datasets, erase, gc, index, lookup, requests, serve
     from .rebuild.cli import mount
 
-    mount(app)
+    app.add_typer(index.index_app, name="index")
+    app.add_typer(datasets.datasets_app, name="datasets")
+    app.add_typer(requests.requests_app, name="requests")
+    for name, command in (
+        ("search", index.search),
+        ("keygen", index.keygen),
+        ("gc", gc.gc),
+        ("erase", erase.erase_command),
+        ("serve", serve.serve),
+        ("lookup", lookup.lookup),
+    ):
+        app.command(name)(command)
+    mount(app)  # rebuild, export, verify, prune
 
 
-_mount_rebuild()
-
-
-def _mount_gc() -> None:
-    from .commands.gc import gc
-
-    app.command("gc")(gc)
-
-
-_mount_gc()
-
-
-def _mount_erase() -> None:
-    from .commands.erase import erase_command
-
-    app.command("erase")(erase_command)
-
-
-_mount_erase()
-
-
-def _mount_keygen() -> None:
-    from .commands.index import keygen
-
-    app.command("keygen")(keygen)
-
-
-_mount_keygen()
-
-
-def _mount_datasets() -> None:
-    from .commands.datasets import datasets_app
-
-    app.add_typer(datasets_app, name="datasets")
-
-
-_mount_datasets()
-
-
-def _mount_serve() -> None:
-    from .commands.serve import serve
-
-    app.command("serve")(serve)
-
-
-_mount_serve()
-
-
-def _mount_lookup() -> None:
-    from .commands.lookup import lookup
-
-    app.command("lookup")(lookup)
-
-
-_mount_lookup()
-
-
-def _mount_requests() -> None:
-    from .commands.requests import requests_app
-
-    app.add_typer(requests_app, name="requests")
-
-
-_mount_requests()
+_mount_commands()

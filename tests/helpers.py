@@ -181,3 +181,18 @@ def kill_once(point: str, marker: Path) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# Debian's chromium, driven by Playwright with executable_path (Playwright's own browser download
+# cannot work here); the flags keep it off the network it cannot reach.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]

@@ -9,13 +9,11 @@ out-of-memory nor any exception but RecordError.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.fuzz import run_fuzzer
 from tests.hostile import corpus, scan_bomb_jpeg
 
 atheris = pytest.importorskip("atheris", reason="the fuzz test needs atheris (the dev extra)")
@@ -33,23 +31,6 @@ def test_decoder_survives_fuzzing(tmp_path):
         if data:
             (seeds / case.filename).write_bytes(data)
     (seeds / "scans.jpg").write_bytes(scan_bomb_jpeg())
-    n_seeds = len(list(seeds.iterdir()))  # libFuzzer adds what it finds to this folder
-    command = [
-        sys.executable,
-        str(TARGET),
-        f"-max_total_time={SECONDS}",
-        f"-timeout={PER_INPUT_TIMEOUT_S}",
-        f"-rss_limit_mb={RSS_LIMIT_MB}",
-        "-max_len=65536",
-        f"-artifact_prefix={tmp_path}/",
-        "-print_final_stats=1",
-        str(seeds),
-    ]
-    proc = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=SECONDS + 240)
-    log = proc.stdout + proc.stderr
-    findings = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-")))
-    assert proc.returncode == 0 and not findings, f"{findings}\n{log[-4000:]}"
-    runs = re.search(r"Done (\d+) runs in (\d+) second", log)
-    assert runs, log[-2000:]
-    print(f"atheris: {runs.group(1)} inputs in {runs.group(2)} s, from {n_seeds} seeds")
-    assert int(runs.group(1)) > len(corpus())  # it fuzzed, beyond replaying the seeds
+    limits = (f"-timeout={PER_INPUT_TIMEOUT_S}", f"-rss_limit_mb={RSS_LIMIT_MB}", "-max_len=65536")
+    tried = run_fuzzer(TARGET, seeds, SECONDS, *limits)
+    assert tried > len(corpus())  # it fuzzed, beyond replaying the seeds

@@ -7,12 +7,11 @@ that breaks a property of tests/fuzz/fuzz_paths.py.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.fuzz import run_fuzzer
 
 atheris = pytest.importorskip("atheris", reason="the fuzz test needs atheris (the dev extra)")
 
@@ -26,19 +25,4 @@ def test_names_and_uri_entries_survive_fuzzing(tmp_path):
     seeds.mkdir()
     for i, seed in enumerate(SEEDS):
         (seeds / f"seed-{i}").write_bytes(seed.encode())
-    command = [
-        sys.executable,
-        str(TARGET),
-        f"-max_total_time={SECONDS}",
-        "-timeout=10",
-        "-max_len=512",
-        f"-artifact_prefix={tmp_path}/",
-        "-print_final_stats=1",
-        str(seeds),
-    ]
-    proc = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=SECONDS + 120)
-    log = proc.stdout + proc.stderr
-    findings = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-")))
-    assert proc.returncode == 0 and not findings, f"{findings}\n{log[-4000:]}"
-    runs = re.search(r"Done (\d+) runs in (\d+) second", log)
-    assert runs and int(runs.group(1)) > len(SEEDS), log[-2000:]
+    assert run_fuzzer(TARGET, seeds, SECONDS, "-timeout=10", "-max_len=512") > len(SEEDS)

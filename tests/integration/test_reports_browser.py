@@ -21,19 +21,8 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.rebuild.report import render_html
-from tests.helpers import write_small_copies
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, write_small_copies
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 VIEWPORT = {"width": 1200, "height": 900}
 SERIES_COLORS = ("#3b6ea5", "#e07b39")  # the first two series colours (pipelines/rebuild/svg.py)
 

@@ -19,20 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, REPO
 from tests.serve_helpers import KNOWN, STRANGER, build_tiny_index, serve_config
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 pytestmark = [
     pytest.mark.skipif(
