@@ -306,6 +306,15 @@ def index_root(uri: str) -> str:
     return uri.rstrip("/")
 
 
+def not_covered(registry: dict, held: set[str]) -> list[dict]:
+    """The registries' data sets (the catalogue of known ones, the operator's) this index lacks."""
+    return [
+        {"name": name, "status": spec.status, "license": spec.license, "contact": spec.contact}
+        for name, spec in sorted(registry.items())
+        if name not in held
+    ]
+
+
 def read_registry(folders: list[str]) -> dict:
     from pipelines.core import catalog
 
@@ -478,6 +487,8 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
             "index_version": loaded.version,
             "created_at": loaded.created_at,
             "datasets": [{k: d[k] for k in keys} for d in loaded.datasets],
+            # known data sets this index does not hold: "no match" is never "in no data set"
+            "not_covered": not_covered(svc.registry, {d["name"] for d in loaded.datasets}),
         }
 
     # photo search
