@@ -92,16 +92,22 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.hits[url.path] += 1
             hits = self.server.hits[url.path]
+        self.pending = None
         with self.server.gauge, self.server.shared_gauge:
             # hold=N: wait until N requests are in progress at once (over every server of the test)
             if "hold" in query and not self.server.shared_gauge.wait_for_peak(int(query["hold"][0])):
-                return self.reply(500, b"never that many at once")
+                self.reply(500, b"never that many at once")
             # after=N: wait until this server has answered N other requests
-            if "after" in query and not self.server.wait_answered(int(query["after"][0])):
-                return self.reply(500, b"the others never came")
-            if "delay" in query:
-                time.sleep(float(query["delay"][0]))
-            self.route(url.path, hits)
+            elif "after" in query and not self.server.wait_answered(int(query["after"][0])):
+                self.reply(500, b"the others never came")
+            else:
+                if "delay" in query:
+                    time.sleep(float(query["delay"][0]))
+                self.route(url.path, hits)
+        # Answer only once this request has left the gauges: a client that has its answer may send
+        # the next request at once, and that one must not find this one still counted.
+        if self.pending is not None:
+            self.send(*self.pending)
 
     def route(self, path: str, hits: int):
         if path.startswith("/img/"):
@@ -128,6 +134,9 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(404, b"not found")
 
     def reply(self, status: int, body: bytes, headers: dict[str, str] | None = None):
+        self.pending = (status, body, headers)
+
+    def send(self, status: int, body: bytes, headers: dict[str, str] | None = None):
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
