@@ -48,7 +48,7 @@ class DatasetSpec(Strict):
         description="folders or gs:// prefixes outside its own folder that its URI list may name",
     )
 
-    # The catalogue keys (configs/datasets/catalog/, ../shared/DESIGN.md "Data set registry"); what a
+    # The catalogue keys (configs/datasets/catalog/; DESIGN.md, "Data set registry"); what a
     # catalogue cannot establish is the string "unknown", never a guess.
     format: Literal[DATASET_FORMATS] = Field(  # type: ignore[valid-type]
         "auto",

@@ -1,6 +1,6 @@
 """Names that become paths: run ids, version names, export names, data set names, CURRENT.
 
-``../shared/DESIGN.md`` ("Names that become paths"): such a name matches
+The design contract (DESIGN.md, "Names that become paths"): such a name matches
 ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` with no ``..``. Anything else is refused with a one-line
 error before any file is touched. The same check applies where a name enters (a flag, a config)
 and where it is read back (a manifest, ``CURRENT``), so a resealed manifest or a hand-edited
