@@ -42,13 +42,16 @@ def make_datasets(work: Path) -> dict[str, Path]:
     for folder in (originals, variants):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    for photo in sample_photos():
-        shutil.copy(photo, originals / photo.name)
+    # The samples' own file names may name a person; faceaudit never records who a face is, so
+    # the demo's data sets number them instead (photo-1 ... in the samples' sorted order).
+    for number, photo in enumerate(sample_photos(), start=1):
+        stem = f"photo-{number}"
+        shutil.copy(photo, originals / f"{stem}{photo.suffix.lower()}")
         image = ImageOps.exif_transpose(Image.open(photo)).convert("RGB")
-        _save(image, variants / f"{photo.stem}-q60.jpg", quality=60)
+        _save(image, variants / f"{stem}-q60.jpg", quality=60)
         w, h = image.size
-        _save(image.crop((w // 20, h // 20, w - w // 20, h - h // 20)), variants / f"{photo.stem}-crop.jpg")
-        _save(ImageOps.mirror(image), variants / f"{photo.stem}-mirror.jpg")
+        _save(image.crop((w // 20, h // 20, w - w // 20, h - h // 20)), variants / f"{stem}-crop.jpg")
+        _save(ImageOps.mirror(image), variants / f"{stem}-mirror.jpg")
     first = sorted(originals.iterdir())[0]
     shutil.copy(first, originals / f"copy-of-{first.name}")  # same bytes: one image, two occurrences
     (originals / "broken.jpg").write_bytes(first.read_bytes()[:2000])  # a truncated file: an error row
@@ -99,7 +102,7 @@ def _index_and_search(run: str, work: Path, variants: Path) -> str:
     print("\nindex " + result.folder)
     for line in info_lines(result.manifest):
         print("  " + line)
-    queries = [variants / "t1-mirror.jpg", variants / "Tom_Hanks_54745-crop.jpg"]
+    queries = [variants / "photo-6-mirror.jpg", variants / "photo-1-crop.jpg"]  # a group photo; a portrait
     print(f"\nsearch: {', '.join(q.name for q in queries)}")
     print_report(search_report(open_index(index_root), queries, k=10, threshold=None, nprobe=None))
     return index_html
