@@ -67,11 +67,11 @@ def build(
     report: Annotated[
         bool,
         typer.Option(
-            "--report",
-            help="also write report.json and report.html (recall against nprobe, size on "
-            "disk) under INDEX/reports/<version>/",
+            "--report/--no-report",
+            help="write report.json and report.html (recall against nprobe, size on disk) under "
+            "INDEX/reports/<version>/",
         ),
-    ] = False,
+    ] = True,
 ) -> None:
     """Turn committed runs into a new index version and point INDEX/CURRENT at it.
 
