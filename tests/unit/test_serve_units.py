@@ -15,7 +15,7 @@ from indexing.lookup import hash_rows, normal_url
 from indexing.requests import RecordSigner, RequestStore, TokenError
 from pipelines.core.errors import ConfigError
 from pipelines.service import config as serve_config
-from pipelines.service.app import HttpError, parse_multipart
+from pipelines.service.bodies import HttpError, parse_multipart
 from pipelines.service.limits import Capacity, ClientKeys, Limited, RateLimiter
 
 
