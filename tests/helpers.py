@@ -196,3 +196,21 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+def rebuild_config(root: Path, **settings):
+    """A small, quick rebuild of the registry ``<root>/registry`` into ``<root>/work`` and
+    ``<root>/index`` (one worker, 4 images per shard, decoding in-process); ``settings`` override."""
+    from pipelines.core.config import DecodeConfig
+    from pipelines.rebuild.config import RebuildConfig
+
+    base = dict(
+        registry=str(root / "registry"),
+        work=str(root / "work"),
+        index=str(root / "index"),
+        workers=1,
+        progress=False,
+        images_per_shard=4,
+        decode=DecodeConfig(isolate=False),
+    )
+    return RebuildConfig(**{**base, **settings})

@@ -21,10 +21,9 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.core import storage
-from pipelines.core.config import DecodeConfig
 from pipelines.rebuild.config import RebuildConfig
 from pipelines.rebuild.driver import rebuild
-from tests.helpers import REPO, read_table, write_small_copies
+from tests.helpers import REPO, read_table, rebuild_config, write_small_copies
 
 CATALOG = REPO / "configs" / "datasets" / "catalog"
 
@@ -50,15 +49,8 @@ def entry(folder: Path, **spec) -> None:
 
 
 def config(root: Path) -> RebuildConfig:
-    return RebuildConfig(
-        registry=f"{root / 'catalog'},{root / 'ops'}",  # the catalogue first, the operator's registry last
-        work=str(root / "work"),
-        index=str(root / "index"),
-        workers=1,
-        progress=False,
-        images_per_shard=4,
-        decode=DecodeConfig(isolate=False),
-    )
+    # the catalogue first, the operator's registry last
+    return rebuild_config(root, registry=f"{root / 'catalog'},{root / 'ops'}")
 
 
 @pytest.fixture(scope="module")

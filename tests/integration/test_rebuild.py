@@ -21,11 +21,10 @@ from typer.testing import CliRunner
 from indexing import open_index
 from pipelines.cli import app
 from pipelines.core import storage
-from pipelines.core.config import DecodeConfig
 from pipelines.core.locks import LOCK_NAME, SWEEP_LOCK
 from pipelines.rebuild.config import RebuildConfig
 from pipelines.rebuild.driver import rebuild
-from tests.helpers import CLI, read_table, run_faceaudit, start_faceaudit, write_small_copies
+from tests.helpers import CLI, read_table, rebuild_config, run_faceaudit, start_faceaudit, write_small_copies
 
 N_PHOTOS = 14
 
@@ -51,16 +50,7 @@ def dataset(root: Path, name: str, photos: list[Path], version: str = "1", remov
 
 
 def config(root: Path, **kw) -> RebuildConfig:
-    return RebuildConfig(
-        registry=str(root / "registry"),
-        work=str(root / "work"),
-        index=str(root / "index"),
-        workers=1,
-        progress=False,
-        images_per_shard=4,
-        decode=DecodeConfig(isolate=False),
-        **kw,
-    )
+    return rebuild_config(root, **kw)
 
 
 def cli_args(root: Path) -> list[str]:
