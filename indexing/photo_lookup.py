@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from pipelines.core.errors import FatalError
 
-from .photos import model_config, query_model
+from .photos import IsolatedDecoder, query_model
 from .search import Hit, Index
 
 STRONG = "strong"
@@ -62,25 +62,12 @@ class PhotoLookup:
     ``lookup(idx, data)`` is thread-safe; at most ``workers`` run at once (callers bound it)."""
 
     def __init__(self, idx: Index, workers: int = 1):
-        from pipelines.core import isolate
-        from pipelines.core.config import DecodeConfig
-
-        self.config = DecodeConfig.model_validate({})
         self.model_id = idx.model_id
         self.models: queue.Queue = queue.Queue()
         for _ in range(workers):
             self.models.put(query_model(idx))
-        self.pool = isolate.IsolatedPool(workers, isolate.limits_for(self.config, model_config(idx)))
+        self.decode = IsolatedDecoder(idx, workers)
         self.lock = threading.Lock()
-
-    def decode(self, data: bytes):
-        from pipelines.core import isolate
-        from pipelines.core.stages import decode_one
-
-        try:
-            return self.pool.submit(decode_one, data, self.config).result()
-        except isolate.WorkerDied as died:
-            return isolate.died_result(data, died), None
 
     def lookup(self, idx: Index, data: bytes, k: int, possible: float) -> PhotoResult:
         """Decode (isolated), detect and embed (here), search each face; hits at or above
@@ -106,4 +93,4 @@ class PhotoLookup:
         return PhotoResult(result.status, result.error, faces)
 
     def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
+        self.decode.close(cancel_futures=True)

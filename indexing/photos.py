@@ -118,26 +118,38 @@ def search_photos(
     return PhotoSearch(idx.manifest["version"], idx.model_id, cut, k, results)
 
 
-@contextmanager
-def decoder(idx: Index) -> Iterator:
-    """``decode(data)`` -> (result, pixels), in one isolated worker process for all the photos."""
-    from pipelines.core import isolate
-    from pipelines.core.config import DecodeConfig
-    from pipelines.core.stages import decode_one
+class IsolatedDecoder:
+    """``decoder(data)`` -> (result, pixels): ingest's decode in ``workers`` isolated processes under
+    ingest's memory and time limits; a worker that dies costs that photo an error result."""
 
-    config = DecodeConfig.model_validate({})
-    pool = isolate.IsolatedPool(1, isolate.limits_for(config, model_config(idx)))
+    def __init__(self, idx: Index, workers: int = 1):
+        from pipelines.core import isolate
+        from pipelines.core.config import DecodeConfig
 
-    def decode(data: bytes):
+        self.config = DecodeConfig.model_validate({})
+        self.pool = isolate.IsolatedPool(workers, isolate.limits_for(self.config, model_config(idx)))
+
+    def __call__(self, data: bytes):
+        from pipelines.core import isolate
+        from pipelines.core.stages import decode_one
+
         try:
-            return pool.submit(decode_one, data, config).result()
+            return self.pool.submit(decode_one, data, self.config).result()
         except isolate.WorkerDied as died:
             return isolate.died_result(data, died), None
 
+    def close(self, cancel_futures: bool = False) -> None:
+        self.pool.shutdown(cancel_futures=cancel_futures)
+
+
+@contextmanager
+def decoder(idx: Index) -> Iterator[IsolatedDecoder]:
+    """One isolated decode worker for all the photos of a search."""
+    decode = IsolatedDecoder(idx)
     try:
         yield decode
     finally:
-        pool.shutdown()
+        decode.close()
 
 
 def analyze_photo(photo: str, model, decode):

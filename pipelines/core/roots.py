@@ -16,6 +16,7 @@ is checked again by its real path when it is read, so a symlink cannot lead out 
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import re
@@ -65,10 +66,15 @@ def allowed(uri: str, roots: Iterable[str]) -> bool:
 def check_real_path(path: str, roots: Iterable[str]) -> str:
     """The real path of a local ``path`` (symlinks resolved) if it stays under a local root."""
     real = os.path.realpath(path)
-    local = [os.path.realpath(normalize(r)) for r in roots if "://" not in normalize(r)]
-    if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in local):
+    if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in _real_roots(tuple(roots))):
         raise RecordError("read", OUTSIDE)
     return real
+
+
+@functools.lru_cache(maxsize=256)
+def _real_roots(roots: tuple[str, ...]) -> tuple[str, ...]:
+    """The local roots' real paths, resolved once per unit's roots rather than once per file read."""
+    return tuple(os.path.realpath(r) for r in map(normalize, roots) if "://" not in r)
 
 
 def resolve_entry(entry: str, base: str) -> str:
