@@ -118,8 +118,10 @@ def _build_locked(
     folder = storage.join(out, version)
     gc.clean_unpublished(out)  # what killed builds left (it holds embeddings)
     with orphans.in_progress(folder):  # the next build and `faceaudit gc` leave a live build alone
-        body = build_into(
-            folder, runs, inputs, plan, opts, use_gpu, model_id, dim, runner or run_local, watch
+        sample = Sample(*train(inputs, plan, opts, use_gpu, dim))
+        watch.lap("train")
+        body = add_shards(
+            folder, runs, inputs, plan, opts, use_gpu, model_id, dim, sample, runner or run_local, watch
         )
         body.update(
             version=version,
@@ -130,24 +132,6 @@ def _build_locked(
         )
         commit_bundle(out, version, body, erased.entries, log_uri)
     return BuildResult(folder, version, body, time.time() - started)
-
-
-def build_into(
-    folder: str,
-    runs: list[Run],
-    inputs: Inputs,
-    plan: IndexPlan,
-    opts: BuildOptions,
-    use_gpu: bool,
-    model_id: str,
-    dim: int,
-    runner: ShardRunner,
-    watch: Stopwatch,
-) -> dict:
-    queries, query_ids, trained = train(inputs, plan, opts, use_gpu, dim)
-    watch.lap("train")
-    sample = Sample(queries, query_ids, trained)
-    return add_shards(folder, runs, inputs, plan, opts, use_gpu, model_id, dim, sample, runner, watch)
 
 
 @dataclass(slots=True)
