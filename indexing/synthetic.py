@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipelines.core import storage
 from pipelines.core.records import face_id
-from pipelines.core.schema import IMAGES_SCHEMA, faces_schema
+from pipelines.core.schema import ADDED_IMAGE_FIELDS, IMAGES_SCHEMA, faces_schema
 
 MODEL_ID = "synthetic+unit-v1"
 
@@ -145,6 +145,7 @@ def images_table(
             "height": [480] * n,
             "n_faces": [1] * n,
             "run_id": [run_id] * n,
+            **{name: [None] * n for name in ADDED_IMAGE_FIELDS},
         },
         schema=IMAGES_SCHEMA,
     )

@@ -56,6 +56,9 @@ class DatasetSpec(Strict):
         "flickr-meta, or unknown (not established, or a form none of these readers takes); recorded "
         "and validated only",
     )
+    image_column: str = Field(
+        "image", description="hf-parquet: the column holding the image struct (bytes and/or path)"
+    )
     contact: str | None = Field(None, description="where the maintainer takes removal requests")
     status: Literal[DATASET_STATUSES] = Field(  # type: ignore[valid-type]
         "available",
@@ -118,6 +121,11 @@ class ModelConfig(Strict):
     """Which detector and embedder, and how they run."""
 
     backend: Literal["dlib", "insightface"] = "dlib"
+    runtime: Literal["onnx", "dlib"] = Field(
+        "dlib",
+        description="dlib backend: run the descriptor and MMOD networks on ONNX Runtime (onnx), with the "
+        "weights read from dlib's own files, or in dlib itself; both give the same model_id",
+    )
     detector: Literal["hog", "cnn"] = Field("hog", description="dlib detector: HOG (fast, CPU) or MMOD CNN")
     detect_max_side: int = Field(
         640, ge=0, description="detect on a copy downscaled to this longest side (0: full size)"

@@ -39,6 +39,8 @@ class RawImage:
     source_uri: str
     data: bytes | None = None
     error: str | None = None  # set when the bytes could not be read (stage "read")
+    # what the data set's format says of the record (schema.PROVENANCE_FIELDS); None when nothing
+    provenance: dict[str, str] | None = None
 
     @property
     def sha256(self) -> str | None:
@@ -81,6 +83,8 @@ class ImageResult:
     width: int | None = None
     height: int | None = None
     faces: list[Face] = field(default_factory=list)
+    pdq: bytes | None = None  # 32-byte PDQ perceptual hash of the decoded pixels
+    pdq_quality: int | None = None
 
     @property
     def n_faces(self) -> int:
@@ -90,7 +94,8 @@ class ImageResult:
         """What a later occurrence of the same bytes needs: everything but the faces themselves
         (kept only as a count, since their rows are written once, at the owner)."""
         slim = ImageResult(
-            self.image_sha256, self.status, self.error_stage, self.error, self.width, self.height
+            self.image_sha256, self.status, self.error_stage, self.error, self.width, self.height,
+            pdq=self.pdq, pdq_quality=self.pdq_quality,
         )
         slim.faces = [None] * self.n_faces  # type: ignore[list-item]
         return slim

@@ -163,7 +163,7 @@ class UnitBuffer:
 
     def add(self, raw: RawImage, result: ImageResult, owner: bool) -> None:
         """``owner``: this is the image's first occurrence in the run, so its faces are written here."""
-        self.image_rows.append(image_row(result, raw.dataset, raw.source_uri, self.run_id))
+        self.image_rows.append(image_row(result, raw.dataset, raw.source_uri, self.run_id, raw.provenance))
         if owner:
             self.face_rows.extend(face_rows(result, raw.dataset, raw.source_uri, self.model_id, self.run_id))
 

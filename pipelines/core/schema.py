@@ -37,8 +37,22 @@ IMAGES_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("n_faces", pa.int16()),
         ("run_id", pa.string()),
+        # provenance, where the data set's format knows it (never an identity label)
+        ("record_id", pa.string()),
+        ("origin_url", pa.string()),
+        ("page_url", pa.string()),
+        ("owner", pa.string()),
+        ("license", pa.string()),
+        # PDQ perceptual hash of the decoded image, to find the same photo re-encoded
+        ("pdq", pa.binary(32)),
+        ("pdq_quality", pa.int16()),
     ]
 )
+
+# The nullable columns added after the first runs were written: readers of an older run's
+# ``images`` table see them as nulls.
+PROVENANCE_FIELDS = ("record_id", "origin_url", "page_url", "owner", "license")
+ADDED_IMAGE_FIELDS = (*PROVENANCE_FIELDS, "pdq", "pdq_quality")
 
 
 def embedding_dim(schema: pa.Schema) -> int:

@@ -14,6 +14,7 @@ from .config import DecodeConfig
 from .decode import decode_image
 from .errors import RecordError
 from .models.base import FaceModel
+from .schema import PROVENANCE_FIELDS
 from .records import DecodedImage, ImageResult, RawImage, face_id
 
 
@@ -92,8 +93,17 @@ def read_error_result(raw: RawImage) -> ImageResult:
     return ImageResult(image_sha256=None, status="error", error_stage="read", error=raw.error)
 
 
-def image_row(result: ImageResult, dataset: str, source_uri: str, run_id: str) -> dict:
-    return {**result_fields(result), "dataset": dataset, "source_uri": source_uri, "run_id": run_id}
+def image_row(
+    result: ImageResult, dataset: str, source_uri: str, run_id: str, provenance: dict[str, str] | None = None
+) -> dict:
+    known = provenance or {}
+    return {
+        **result_fields(result),
+        "dataset": dataset,
+        "source_uri": source_uri,
+        "run_id": run_id,
+        **{name: known.get(name) for name in PROVENANCE_FIELDS},
+    }
 
 
 def result_fields(result: ImageResult) -> dict:
@@ -106,13 +116,16 @@ def result_fields(result: ImageResult) -> dict:
         "width": result.width,
         "height": result.height,
         "n_faces": result.n_faces,
+        "pdq": result.pdq,
+        "pdq_quality": result.pdq_quality,
     }
 
 
 def result_from_image_row(row: dict) -> ImageResult:
     """The result (faces as a count only) that a committed ``images`` row records."""
     result = ImageResult(
-        row["image_sha256"], row["status"], row["error_stage"], row["error"], row["width"], row["height"]
+        row["image_sha256"], row["status"], row["error_stage"], row["error"], row["width"], row["height"],
+        pdq=row.get("pdq"), pdq_quality=row.get("pdq_quality"),  # absent from runs before the columns
     )
     result.faces = [None] * row["n_faces"]  # type: ignore[list-item]  # only the count is known
     return result
