@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from . import isolate
+from . import isolate, pdq
 from .config import DecodeConfig
 from .decode import decode_image
 from .errors import RecordError
@@ -43,6 +43,8 @@ def decode_one(data: bytes, decode: DecodeConfig) -> tuple[ImageResult, DecodedI
         _fail(result, exc)
         return result, None
     result.width, result.height = image.width, image.height
+    # every decoded image, faceless ones too: copies are found by PDQ whatever the detector sees
+    result.pdq, result.pdq_quality = pdq.hash_pixels(image.pixels)
     return result, image
 
 
