@@ -53,8 +53,8 @@ class DatasetSpec(Strict):
     format: Literal[DATASET_FORMATS] = Field(  # type: ignore[valid-type]
         "auto",
         description="the published format: auto | folder | tar | urls | msceleb-tsv | hf-parquet | "
-        "flickr-meta, or unknown (not established, or a form none of these readers takes); recorded "
-        "and validated only",
+        "flickr-meta, or unknown (not established, or a form none of these readers takes; such a "
+        "data set is not ingested); auto: from the source's extension and first bytes",
     )
     image_column: str = Field(
         "image", description="hf-parquet: the column holding the image struct (bytes and/or path)"

@@ -19,12 +19,18 @@ class WorkUnit:
 
     dataset: str
     source: str
-    kind: str  # "folder" | "tar" | "urilist"
+    kind: str  # "folder" | "tar" | "urilist" | "msceleb-tsv" | "hf-parquet" | "flickr-meta"
     index: int
     items: tuple[str, ...]
     # where its items may be (``roots.allowed``): the source folder, or a list's folder and the
     # job's allowed roots; () for units made by hand, which are not checked
     roots: tuple[str, ...] = field(default=(), compare=False)
+    # the rows of a record file (``items`` is that one file) the unit reads, () for other kinds:
+    # line formats (first_row, start_byte, end_byte), byte offsets at line starts; hf-parquet
+    # (first_row, row_group, offset_in_group, rows)
+    span: tuple[int, ...] = ()
+    # hf-parquet: the columns the unit reads (the image's, then an id's); nothing else is read
+    columns: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:

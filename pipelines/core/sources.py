@@ -37,10 +37,10 @@ import tarfile
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -48,7 +48,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from . import roots, storage
+from . import readers, roots, storage
 from .config import DatasetSpec, HttpConfig
 from .errors import ConfigError, FatalError, RecordError
 from .formats import HEADER_BYTES, IMAGE_SUFFIXES, looks_like_image
@@ -57,6 +57,7 @@ from .roots import is_http
 from .sources_http import HttpFetcher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LIST_SUFFIXES = (".txt", ".csv", ".parquet")
@@ -74,28 +75,66 @@ TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
 
 
 def plan_units(spec: DatasetSpec, unit_size: int) -> list[WorkUnit]:
-    """The work units of ``spec.source``, in a fixed order; raises ConfigError for a bad source."""
+    """The work units of ``spec.source``, in a fixed order; raises ConfigError for a bad source
+    or one that is not of the data set's ``format``."""
     if unit_size < 1:
         raise ConfigError(f"unit_size must be at least 1, not {unit_size}")
+    if spec.format == "unknown":
+        raise ConfigError(f"data set {spec.name!r}: its format is unknown; set format: to one a reader takes")
     source = _normalize(spec.source)
     lower = source.lower()
+    fmt = spec.format
     if not storage.exists(source):
         # A path that exists is taken as it is, even with "[" in a folder's name.
         if any(c in source for c in GLOB_CHARS):
             files = _glob(source)
+            if fmt in readers.FORMATS:
+                return _plan_records(spec, files, unit_size, _glob_root(source))
             return _plan_files(spec.name, source, files, unit_size, (_glob_root(source),))
         raise ConfigError(f"data set {spec.name!r}: source {source} does not exist")
     if _is_dir(source):
+        if fmt in readers.FORMATS:
+            return _plan_records(spec, _walk(source), unit_size, source)
+        _expect(spec, fmt in ("auto", "folder"), "a folder")
         return _plan_files(spec.name, source, _walk(source), unit_size, (source,))
-    if lower.endswith(TAR_SUFFIXES):
+    _expect(spec, fmt != "folder", "a file")
+    if fmt == "auto":
+        fmt = readers.detect(source, spec.image_column) or fmt
+    if fmt in readers.FORMATS:
+        return _plan_records(spec, [source], unit_size, _parent(source))
+    if lower.endswith(TAR_SUFFIXES) and fmt in ("auto", "tar"):
         return [WorkUnit(spec.name, source, "tar", 0, (source,), (source,))]
-    if lower.endswith(LIST_SUFFIXES):
+    if lower.endswith(LIST_SUFFIXES) and fmt in ("auto", "urls"):
         allowed = (_parent(source), *(_normalize(r) for r in spec.allowed_roots))
         return _chunk(spec.name, source, "urilist", _read_list(source), unit_size, allowed)
+    _expect(spec, fmt == "auto", f"a {' or '.join(TAR_SUFFIXES if fmt == 'tar' else LIST_SUFFIXES)} file")
     raise ConfigError(
         f"data set {spec.name!r}: source {source} is not a folder, a glob, a tar archive "
-        f"({', '.join(TAR_SUFFIXES)}) or a URI list ({', '.join(LIST_SUFFIXES)})"
+        f"({', '.join(TAR_SUFFIXES)}), a URI list ({', '.join(LIST_SUFFIXES)}) or a file of a "
+        f"record format ({', '.join(readers.FORMATS)})"
     )
+
+
+def _expect(spec: DatasetSpec, ok: bool, found: str) -> None:
+    if not ok:
+        raise ConfigError(f"data set {spec.name!r}: source {spec.source} is {found}, not of format {spec.format}")
+
+
+def _plan_records(spec: DatasetSpec, files: list[str], unit_size: int, folder: str) -> list[WorkUnit]:
+    """The units of the record files (msceleb-tsv, hf-parquet, flickr-meta) among ``files``, in
+    order; a file of the format's endings that is not of the format is a ConfigError. Their
+    records may name files under ``folder`` and the data set's allowed roots."""
+    fmt = spec.format if spec.format in readers.FORMATS else None
+    inside = (folder, *(_normalize(r) for r in spec.allowed_roots))
+    units: list[WorkUnit] = []
+    for uri in files:
+        found = fmt or readers.detect(uri, spec.image_column)
+        if fmt and not uri.lower().endswith(readers.SUFFIXES[fmt]) and len(files) > 1:
+            continue  # a folder's other files (a README, a MID->name file) are not records
+        if found is None:
+            raise ConfigError(f"data set {spec.name!r}: {uri} is not of a record format")
+        units += readers.plan_file(spec.name, uri, found, spec.image_column, unit_size, len(units), inside)
+    return units
 
 
 def _plan_files(
@@ -285,6 +324,8 @@ def read_unit(unit: WorkUnit, http: HttpConfig) -> Iterator[RawImage]:
             yield from _read_tar(unit.dataset, tar_uri, http.max_bytes)
     elif unit.kind in ("folder", "urilist"):
         yield from _read_items(unit, http)
+    elif unit.kind in readers.FORMATS:
+        yield from _read_records(unit, http)
     else:
         raise FatalError(f"unit {unit.key} has an unknown kind {unit.kind!r}")
 
@@ -297,6 +338,27 @@ def _read_items(unit: WorkUnit, http: HttpConfig) -> Iterator[RawImage]:
 
     try:
         yield from _ordered_map(read, unit.items, READ_THREADS)
+    finally:
+        if fetcher is not None:
+            fetcher.close()
+
+
+def _read_records(unit: WorkUnit, http: HttpConfig) -> Iterator[RawImage]:
+    """A record file's unit: inline bytes as they are, URLs and paths read like a list's entries
+    (inside the unit's roots, bounded), each with the record's address and provenance."""
+    fetcher = HttpFetcher(http) if unit.kind == "flickr-meta" else None
+    base = _parent(unit.items[0])
+
+    def read(record: readers.Record) -> RawImage:
+        raw = RawImage(unit.dataset, record.source_uri, record.data, record.error)
+        if record.fetch is not None:
+            fetched = _read_one(unit.dataset, roots.resolve_entry(record.fetch, base), http, fetcher, unit.roots)
+            raw.data, raw.error = fetched.data, fetched.error
+        raw.provenance = record.provenance
+        return raw
+
+    try:
+        yield from _ordered_map(read, readers.records(unit, http.max_bytes), READ_THREADS)
     finally:
         if fetcher is not None:
             fetcher.close()
@@ -378,16 +440,18 @@ def _read_fd(fd: int, max_bytes: int, deadline: float, whole: bool) -> bytes:
     return b"".join(chunks)
 
 
-def _ordered_map(fn: Callable[[str], RawImage], items: Sequence[str], threads: int) -> Iterator[RawImage]:
-    """``fn`` over ``items`` on a thread pool, yielded in item order.
+def _ordered_map(fn: Callable[[T], RawImage], items: Iterable[T], threads: int) -> Iterator[RawImage]:
+    """``fn`` over ``items`` (a list or a stream) on a thread pool, yielded in item order.
 
-    At most ``2 * threads`` results are pending at a time, so a slow first item cannot make the
-    whole unit pile up in memory.
+    At most ``2 * threads`` items are taken and pending at a time, so a slow first item cannot
+    make the whole unit pile up in memory, nor a stream be read ahead further.
     """
-    if not items:
-        return
+    if isinstance(items, Sequence):
+        if not items:
+            return
+        threads = min(threads, len(items))
     todo = iter(items)
-    pool = ThreadPoolExecutor(min(threads, len(items)))
+    pool = ThreadPoolExecutor(threads)
     pending = deque(pool.submit(fn, item) for item in islice(todo, 2 * threads))
     try:
         while pending:

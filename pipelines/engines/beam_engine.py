@@ -163,7 +163,8 @@ def _remove_inputs(run: str) -> None:
 def _planned(line: str) -> PlannedUnit:
     fields = json.loads(line)
     ordinal, done = fields.pop("ordinal"), fields.pop("done")
-    fields["items"] = tuple(fields["items"])
+    for name in ("items", "roots", "span", "columns"):  # JSON gave lists
+        fields[name] = tuple(fields[name])
     return PlannedUnit(WorkUnit(**fields), ordinal, done)
 
 

@@ -367,8 +367,10 @@ def _pool_size(cfg: RayConfig, units: int) -> int:
 
 
 def _all_local(tasks: list[UnitTask]) -> bool:
-    """Whether every unit is a folder or tar on this machine's disk (a URI list may name URLs)."""
-    return all(t.planned.unit.kind != "urilist" and storage.is_local(t.planned.unit.source) for t in tasks)
+    """Whether every unit is read from this machine's disk (a URI list may name URLs, Flickr
+    metadata does)."""
+    fetching = ("urilist", "flickr-meta")
+    return all(t.planned.unit.kind not in fetching and storage.is_local(t.planned.unit.source) for t in tasks)
 
 
 def _read_row(row: dict, job: JobConfig) -> dict:
