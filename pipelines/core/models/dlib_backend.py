@@ -1,9 +1,17 @@
-"""dlib's CPU models, with weights from the PyPI package face-recognition-models.
+"""dlib's models, with weights from the PyPI package face-recognition-models.
 
 Detection (HOG or MMOD CNN) runs on a copy downscaled to ``detect_max_side``; the 5-point
 landmarks and the 128-d ResNet descriptor are taken from the original-resolution pixels, so
 small detection copies cost little accuracy. Landmarks are dlib's 5 points in dlib's order
 (right eye outer and inner corner, left eye outer and inner corner, base of the nose).
+
+``model.runtime`` picks where the two networks run. ``onnx`` (the default): the descriptor, and
+the MMOD detector for ``detector: cnn``, run on ONNX Runtime as graphs built from dlib's own
+``.dat`` files (``dlib_onnx``), on the configured providers; the face chips of every image of a
+batch are embedded together in runs of ``embed_batch_size``, and MMOD takes same-size detection
+copies together in runs of ``det_batch_size``. ``dlib``: dlib runs them itself, image by image.
+HOG, the landmarks and ``get_face_chip`` are dlib's in both. The descriptors agree to 1e-5, so
+the model_id is the same and both runtimes' embeddings share an index.
 """
 
 from __future__ import annotations
@@ -37,6 +45,13 @@ def weight_file(name: str) -> str:
     return str(path)
 
 
+RESNET_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+MMOD_FILE = "mmod_human_face_detector.dat"
+CHIP_SIZE, CHIP_PADDING = 150, 0.25  # get_face_chip's defaults, which compute_face_descriptor uses
+
+Box = tuple[float, float, float, float]
+
+
 class DlibModel(FaceModel):
     dim = 128
     match_threshold = DLIB_MATCH_THRESHOLD
@@ -48,17 +63,40 @@ class DlibModel(FaceModel):
         except ImportError as exc:
             raise FatalError(f"the dlib backend needs dlib: pip install dlib-bin ({exc})") from exc
         self._dlib = dlib
+        self._landmarks = dlib.shape_predictor(weight_file("shape_predictor_5_face_landmarks.dat"))
+        self.model_id = model_id_for(config)
+        if config.runtime == "onnx":
+            self._load_onnx(config)
+            return
         if config.detector == "cnn":
-            self._cnn = dlib.cnn_face_detection_model_v1(weight_file("mmod_human_face_detector.dat"))
+            self._cnn = dlib.cnn_face_detection_model_v1(weight_file(MMOD_FILE))
         else:
             self._hog = dlib.get_frontal_face_detector()
-        self._landmarks = dlib.shape_predictor(weight_file("shape_predictor_5_face_landmarks.dat"))
-        encoder_file = weight_file("dlib_face_recognition_resnet_model_v1.dat")
-        self._encoder = dlib.face_recognition_model_v1(encoder_file)
-        self.model_id = model_id_for(config)
+        self._encoder = dlib.face_recognition_model_v1(weight_file(RESNET_FILE))
+        self.provenance = {"runtime": "dlib", "dlib": getattr(dlib, "__version__", "unknown")}
+
+    def _load_onnx(self, config: ModelConfig) -> None:
+        from .dlib_onnx import load_onnx_nets
+
+        if config.num_jitters > 1:
+            # dlib's jitter draws random crops, flips and colour shifts from its own generator;
+            # an approximation would give other vectors under the same model_id, so it is refused
+            raise FatalError(
+                f"model.num_jitters {config.num_jitters} needs model.runtime: dlib (the onnx runtime "
+                "computes dlib's descriptor without jitter only)"
+            )
+        nets = load_onnx_nets(config, weight_file(RESNET_FILE), weight_file(MMOD_FILE))
+        self._nets = nets
+        if config.detector != "cnn":
+            self._hog = self._dlib.get_frontal_face_detector()
+        self.provenance = nets.provenance
 
     def analyze(self, images: Sequence[DecodedImage]) -> list[list[Face]]:
+        if self.config.runtime == "onnx":
+            return self._analyze_batch(images)
         return [self._analyze_one(image) for image in images]
+
+    # --- dlib runtime: one image at a time -----------------------------------------------------
 
     def _analyze_one(self, image: DecodedImage) -> list[Face]:
         try:
@@ -68,29 +106,39 @@ class DlibModel(FaceModel):
         if not boxes:
             return []
         try:
-            return self._embed(image, boxes, scores)
+            shapes = self._shapes(image, boxes)
+            vectors = self._encoder.compute_face_descriptor(image.pixels, shapes, self.config.num_jitters)
+            return self._faces(image, boxes, scores, shapes, np.asarray(vectors))
         except Exception as exc:
             raise RecordError("embed", f"{type(exc).__name__}: {exc}") from exc
 
-    def _detect(self, image: DecodedImage) -> tuple[list[tuple[float, float, float, float]], list[float]]:
+    def _detect(self, image: DecodedImage) -> tuple[list[Box], list[float]]:
         """Boxes (x1, y1, x2, y2 in original pixels) and scores, best first, size-filtered."""
         small, scale = downscale(image, self.config.detect_max_side)
         cfg = self.config
         if cfg.detector == "cnn":
             found = [(d.rect, d.confidence) for d in self._cnn(small, cfg.upsample)]
-            found = [(r, s) for r, s in found if s >= cfg.det_threshold]
+            found = [(r.left(), r.top(), r.right(), r.bottom(), s) for r, s in found]
         else:
-            rects, scores, _ = self._hog.run(small, cfg.upsample, cfg.det_threshold)
-            found = list(zip(rects, scores, strict=True))
-        found.sort(key=lambda rs: -rs[1])
+            return self._hog_boxes(small, scale)
+        return self._kept(found, scale)
+
+    def _hog_boxes(self, small: np.ndarray, scale: float) -> tuple[list[Box], list[float]]:
+        cfg = self.config
+        rects, scores, _ = self._hog.run(small, cfg.upsample, cfg.det_threshold)
+        found = [(r.left(), r.top(), r.right(), r.bottom(), s) for r, s in zip(rects, scores, strict=True)]
+        return self._kept(found, scale, thresholded=True)
+
+    def _kept(self, found, scale: float, thresholded: bool = False) -> tuple[list[Box], list[float]]:
+        """dlib rectangles (inclusive right and bottom) with scores, as boxes in original pixels,
+        best first, without those below the threshold, the minimum size, or past max_faces."""
+        cfg = self.config
+        if not thresholded:  # HOG applies det_threshold itself; MMOD's confidence is filtered here
+            found = [f for f in found if f[4] >= cfg.det_threshold]
+        found = sorted(found, key=lambda f: -f[4])
         boxes, kept = [], []
-        for rect, score in found:
-            box = (
-                rect.left() / scale,
-                rect.top() / scale,
-                (rect.right() + 1) / scale,
-                (rect.bottom() + 1) / scale,
-            )
+        for left, top, right, bottom, score in found:
+            box = (left / scale, top / scale, (right + 1) / scale, (bottom + 1) / scale)
             if min(box[2] - box[0], box[3] - box[1]) < cfg.min_face_size:
                 continue
             boxes.append(box)
@@ -99,14 +147,15 @@ class DlibModel(FaceModel):
             boxes, kept = boxes[: cfg.max_faces], kept[: cfg.max_faces]
         return boxes, kept
 
-    def _embed(self, image: DecodedImage, boxes, scores) -> list[Face]:
+    def _shapes(self, image: DecodedImage, boxes: list[Box]):
         dlib = self._dlib
-        pixels = image.pixels
         shapes = dlib.full_object_detections()
         for x1, y1, x2, y2 in boxes:
             rect = dlib.rectangle(round(x1), round(y1), round(x2) - 1, round(y2) - 1)
-            shapes.append(self._landmarks(pixels, rect))
-        vectors = np.asarray(self._encoder.compute_face_descriptor(pixels, shapes, self.config.num_jitters))
+            shapes.append(self._landmarks(image.pixels, rect))
+        return shapes
+
+    def _faces(self, image: DecodedImage, boxes, scores, shapes, vectors: np.ndarray) -> list[Face]:
         vectors = vectors.astype(np.float32).reshape(len(boxes), self.dim)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         w, h = image.width, image.height
@@ -117,3 +166,46 @@ class DlibModel(FaceModel):
             landmarks = points.reshape(-1)  # x1, y1, x2, y2, ...
             faces.append(Face(bbox=bbox, det_score=score, landmarks=landmarks, embedding=vector))
         return faces
+
+    # --- onnx runtime: the batch together ------------------------------------------------------
+
+    def _analyze_batch(self, images: Sequence[DecodedImage]) -> list[list[Face]]:
+        """Detect every image (MMOD: same-size copies together), then embed the chips of all
+        images in runs of embed_batch_size; a failure is a RecordError for the batch, which the
+        stage retries image by image, as with the dlib runtime."""
+        try:
+            found = self._detect_all(images)
+        except FatalError:
+            raise
+        except Exception as exc:
+            raise RecordError("detect", f"{type(exc).__name__}: {exc}") from exc
+        try:
+            shapes = [
+                self._shapes(image, boxes) if boxes else []
+                for image, (boxes, _) in zip(images, found, strict=True)
+            ]
+            chips = [self._chips(image, s) for image, s in zip(images, shapes, strict=True)]
+            vectors = self._nets.embed(chips)
+        except FatalError:
+            raise
+        except Exception as exc:
+            raise RecordError("embed", f"{type(exc).__name__}: {exc}") from exc
+        out = []
+        for image, (boxes, scores), image_shapes, image_vectors in zip(
+            images, found, shapes, vectors, strict=True
+        ):
+            out.append(self._faces(image, boxes, scores, image_shapes, image_vectors) if boxes else [])
+        return out
+
+    def _detect_all(self, images: Sequence[DecodedImage]) -> list[tuple[list[Box], list[float]]]:
+        smalls = [downscale(image, self.config.detect_max_side) for image in images]
+        if self.config.detector != "cnn":
+            return [self._hog_boxes(small, scale) for small, scale in smalls]
+        detections = self._nets.detect([small for small, _ in smalls], self.config.upsample)
+        return [self._kept(found, scale) for found, (_, scale) in zip(detections, smalls, strict=True)]
+
+    def _chips(self, image: DecodedImage, shapes) -> np.ndarray:
+        if not shapes:
+            return np.zeros((0, CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
+        chips = self._dlib.get_face_chips(image.pixels, shapes, size=CHIP_SIZE, padding=CHIP_PADDING)
+        return np.stack([np.asarray(chip, dtype=np.uint8) for chip in chips])

@@ -60,6 +60,7 @@ class SessionOptions:
     trt_cache: str | None = None  # TensorRT engine and timing cache folder
     fp16: bool = True
     threads: int = 0  # CPU intra-op threads (0: ONNX Runtime's default)
+    tf32: bool = True  # CUDA: TF32 maths allowed (False where float32 results must match a CPU's)
 
 
 def provider_names(names: list[str]) -> list[str]:
@@ -90,6 +91,8 @@ def provider_list(options: SessionOptions, profile: tuple[str, str, str] | None)
     out: list = []
     for name in provider_names(options.providers):
         settings: dict = {}
+        if name == PROVIDERS["cuda"] and not options.tf32:
+            settings = {"use_tf32": 0}
         if name == PROVIDERS["tensorrt"]:
             settings = {"trt_fp16_enable": options.fp16}
             if options.trt_cache:
