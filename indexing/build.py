@@ -32,7 +32,7 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.faults import checkpoint
 from pipelines.core.locks import sweep_lock
 
-from . import bundle, download, erase, gc, gpu, lookup
+from . import bundle, copies, download, erase, gc, gpu, lookup
 from . import runs as runsmod
 from .bundle import BUILD_DIR
 from .inputs import Inputs, pieces_for, scan_ids, shard_bounds, train
@@ -171,12 +171,17 @@ def add_shards(
     shards = [r.entry for r in results]
     lookup.add_tables(folder, shards)  # the range look-up's hash tables, beside the metadata
     watch.lap("range_tables")
+    # every image the runs hold, faces or not, grouped with its near-duplicates by PDQ
+    found = copies.write_copies(
+        folder, runs, erasure.load(opts.erasure_log or erasure.default_log(bundle.root_of(folder)))
+    )
+    watch.lap("copies")
     truth = merged_top_k(sample.queries, results)
     report = measure_recall(
         folder, shards, plan, opts, sample.queries, sample.query_ids, truth, model_id, dim
     )
     watch.lap("tune_nprobe")
-    return manifest_body(runs, inputs, plan, opts, shards, report, model_id, dim)
+    return {**manifest_body(runs, inputs, plan, opts, shards, report, model_id, dim), "copies": found}
 
 
 def commit_bundle(out: str, version: str, body: dict, honoured: tuple[str, ...], log_uri: str) -> None:

@@ -46,7 +46,8 @@ VERSION_NAME = re.compile(r"(\d{8}T\d{6}Z)-[0-9a-f]{8}")
 # uses the same pattern.
 BUNDLE_FILE = re.compile(
     r"^(shard-\d+(\.e\d+)?\.(faissindex|ivfdata)|metadata/part-\d+(\.e\d+)?\.parquet"
-    r"|store/(ids|vectors)-\d+(\.e\d+)?\.npy|lookup/hashes-\d+(\.e\d+)?\.parquet)$"
+    r"|store/(ids|vectors)-\d+(\.e\d+)?\.npy|lookup/hashes-\d+(\.e\d+)?\.parquet"
+    r"|copies/(part|hashes)-\d+(\.e\d+)?\.parquet)$"
 )
 FILE_KEYS = {  # shard entry key -> the file kind it must name
     "index": ".faissindex",
@@ -57,6 +58,7 @@ FILE_KEYS = {  # shard entry key -> the file kind it must name
     "hashes": ".parquet",  # the range look-up's hash table (indexing/lookup.py)
 }
 SHA256 = re.compile(r"[0-9a-f]{64}")
+COPIES_KEYS = ("table", "hashes")  # the manifest's ``copies`` entry: the files it lists
 
 
 def new_version(input_digest: str) -> str:
@@ -150,6 +152,12 @@ def check_names(manifest: dict) -> None:
             check_entry(entry, kind)
         if "ntotal" in shard and not _count(shard["ntotal"]):
             raise IntegrityError(MANIFEST, f"a shard declares ntotal {shard['ntotal']!r}")
+    copies = manifest.get("copies")
+    if copies is not None:
+        if not isinstance(copies, dict):
+            raise IntegrityError(MANIFEST, "its copies entry is not an entry")
+        for key in COPIES_KEYS:
+            check_entry(copies.get(key), ".parquet")
 
 
 def check_entry(entry: object, kind: str = "") -> str:
@@ -187,6 +195,9 @@ def bundle_files(manifest: dict) -> Iterator[dict]:
         for key in ("index", "ivfdata", "metadata", "ids", "vectors", "hashes"):
             if shard.get(key):
                 yield shard[key]
+    for key in COPIES_KEYS:  # the copies table and its range hashes (indexing/copies.py)
+        if manifest.get("copies"):
+            yield manifest["copies"][key]
 
 
 def file_entry(folder: str, name: str) -> dict:

@@ -9,7 +9,10 @@ The tables are built at index build time beside the metadata, one per bundle sha
 (``lookup/hashes-<k>.parquet``, listed in the shard's manifest entry under ``hashes`` with its
 sha256 like every other bundle file): a row per distinct hash among the shard's faces, both kinds,
 sorted by hash, with the data sets it occurs in and the image it leads to (so that images holding
-an erased face are left out at query time; see ``RangeTables.range``).
+an erased face are left out at query time; see ``RangeTables.range``). Bundles with a copies table
+(``indexing/copies.py``) add one more, ``copies/hashes-0.parquet``, built from every image the
+runs hold, faceless ones included, keyed by its bytes and by its ``source_uri``, ``origin_url``
+and ``page_url``: one pass over a table the build writes anyway.
 """
 
 from __future__ import annotations
@@ -106,6 +109,38 @@ def hash_rows(meta: pa.Table) -> pa.Table:
     )
 
 
+def copies_hash_rows(copies: pa.Table) -> pa.Table:
+    """The range table of the copies table (``indexing/copies.py``): every image the runs hold,
+    faces or not, by its bytes and by each normalised ``source_uri``, ``origin_url`` and
+    ``page_url`` of its occurrences."""
+    found: dict[bytes, tuple[str, str, set[str]]] = {}
+    shas = copies.column("image_sha256").to_pylist()
+    for sha, occurrences in zip(shas, copies.column("occurrences").to_pylist(), strict=True):
+        found.setdefault(bytes.fromhex(sha), ("image", sha, set()))[2].update(
+            o["dataset"] for o in occurrences
+        )
+        for occ in occurrences:
+            for url in {occ[k] for k in ("source_uri", "origin_url", "page_url") if occ.get(k)}:
+                key = hashlib.sha256(normal_url(url).encode("utf-8")).digest()
+                found.setdefault(key, ("url", sha, set()))[2].add(occ["dataset"])
+    return _table(found)
+
+
+def _table(found: dict[bytes, tuple[str, str, set[str]]]) -> pa.Table:
+    keys = sorted(found)
+    return pa.table(
+        {
+            "hash": pa.array(keys, pa.binary(32)),
+            "kind": pa.array([found[k][0] for k in keys], pa.string())
+            .dictionary_encode()
+            .cast(SCHEMA.field("kind").type),
+            "image_sha256": pa.array([found[k][1] for k in keys], pa.string()),
+            "datasets": pa.array([sorted(found[k][2]) for k in keys], pa.list_(pa.string())),
+        },
+        schema=SCHEMA,
+    )
+
+
 def add_tables(folder: str, shards: list[dict]) -> None:
     """Write each shard's hash table beside its metadata and list it in the shard's entry
     (``hashes``); the manifest, written after, covers it by sha256 like every other file."""
@@ -154,10 +189,11 @@ class RangeTables:
         """The tables of a verified local bundle folder (a bundle built before they existed, or
         re-sharded by an export, has none: ``available`` is False)."""
         out = cls()
-        for shard in manifest["shards"]:
-            entry = shard.get("hashes")
-            if not entry:
-                return cls()  # partial tables would answer "not found" for what is there
+        entries = [shard.get("hashes") for shard in manifest["shards"]]
+        if not all(entries):
+            return cls()  # partial tables would answer "not found" for what is there
+        copies = (manifest.get("copies") or {}).get("hashes")
+        for entry in [*entries, *([copies] if copies else [])]:  # copies: faceless images too
             path = bundle.inside_folder(folder, bundle.check_entry(entry, ".parquet"))
             table = pq.read_table(path, memory_map=True)
             if table.schema.names != SCHEMA.names:

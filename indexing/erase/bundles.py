@@ -20,9 +20,9 @@ from pipelines.core import erasure, storage
 from pipelines.core.errors import FatalError
 from pipelines.core.faults import checkpoint
 
-from .. import bundle, download
+from .. import bundle, copies, download
 from ..faiss_io import load_writable, move_to_ondisk
-from ..lookup import hash_rows
+from ..lookup import copies_hash_rows, hash_rows
 from .report import Report
 
 METADATA_ROW_GROUP = 4096
@@ -76,8 +76,10 @@ def sweep_bundle(folder: str, erased: erasure.ErasureSet, run_shas: dict[str, st
             run_shas.get(r["uri"], r["manifest_sha256"]) != r["manifest_sha256"]
             for r in manifest.get("runs", [])
         )
-        if removed or runs_changed:
+        kept_copies = rewrite_copies(local, out, manifest, erased, revision)
+        if removed or runs_changed or kept_copies:
             body = revised_manifest(manifest, shards, removed, revision, run_shas)
+            body.update({"copies": kept_copies} if kept_copies else {})
             upload_new(folder, out, body, manifest)
             checkpoint("erase.bundle_files")
             storage.write_atomic(storage.join(folder, bundle.MANIFEST), bundle.seal(body))
@@ -109,9 +111,44 @@ def without_erased(local: str, manifest: dict, staging: str, erased: erasure.Era
             storage.make_dirs(os.path.dirname(target))
             shutil.copyfile(os.path.join(local, item["file"]), target)
         shards.append(entry)
-    if not removed:
+    kept_copies = rewrite_copies(local, staging, manifest, erased, revision)
+    if not removed and not kept_copies:
         return manifest, local
-    return revised_manifest(manifest, shards, removed, revision, {}), staging
+    if manifest.get("copies") and not kept_copies:
+        for key in bundle.COPIES_KEYS:
+            name = manifest["copies"][key]["file"]
+            storage.make_dirs(os.path.dirname(os.path.join(staging, name)))
+            shutil.copyfile(os.path.join(local, name), os.path.join(staging, name))
+    body = revised_manifest(manifest, shards, removed, revision, {})
+    body.update({"copies": kept_copies} if kept_copies else {})
+    return body, staging
+
+
+def rewrite_copies(
+    src: str, dst: str, manifest: dict, erased: erasure.ErasureSet, revision: int
+) -> dict | None:
+    """The copies table (and its range hashes) without the images ``erased`` names, committed in
+    ``dst`` under revised names; its new manifest entry, or None when it holds none of them (or
+    the bundle has no copies table). Groups keep their ids: what remains of a group is still
+    one photo's copies."""
+    entry = manifest.get("copies")
+    if not entry or not erased:
+        return None
+    table = pq.read_table(os.path.join(src, entry["table"]["file"]))
+    kept = copies.drop_erased(table, erased)
+    if kept.num_rows == table.num_rows:
+        return None
+    storage.make_dirs(os.path.join(dst, "copies"))
+    hashes = copies_hash_rows(kept)
+    new = {**entry, **copies.summary(kept)}
+    for key, data in (("table", kept), ("hashes", hashes)):
+        written = commit_file(
+            dst,
+            revised(entry[key]["file"], revision),
+            lambda p, d=data: pq.write_table(d, p, compression="zstd"),
+        )
+        new[key] = {**written, "rows": data.num_rows}
+    return new
 
 
 def shard_mask(local: str, entry: dict, ids: np.ndarray, erased: erasure.ErasureSet) -> np.ndarray:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from indexing import bundle, signing
 from indexing.build import build_index
+from indexing.copies import Copies
 from indexing.options import BuildOptions, default, describe
 from indexing.photos import FaceMatches, PhotoSearch, search_photos
 from indexing.runners import shard_runner
@@ -190,23 +191,29 @@ def search_report(
     idx: Index, photos: list[str] | list[Path], k: int, threshold: float | None, nprobe: int | None
 ) -> dict:
     """What ``faceaudit search --json`` prints: per photo, per face, the matching indexed faces."""
-    return report_dict(search_photos(idx, photos, k, threshold, nprobe))
+    copies = Copies.open(idx.folder, idx.manifest, idx.erased)  # None: a bundle built before copies
+    return report_dict(search_photos(idx, photos, k, threshold, nprobe), copies)
 
 
-def report_dict(found: PhotoSearch) -> dict:
+def report_dict(found: PhotoSearch, copies: Copies | None = None) -> dict:
     return {
         "index": found.version,
         "model_id": found.model_id,
         "threshold": found.threshold,
         "k": found.k,
         "photos": [
-            {"photo": p.photo, "status": p.status, "error": p.error, "faces": [face_dict(f) for f in p.faces]}
+            {
+                "photo": p.photo,
+                "status": p.status,
+                "error": p.error,
+                "faces": [face_dict(f, copies) for f in p.faces],
+            }
             for p in found.photos
         ],
     }
 
 
-def face_dict(face: FaceMatches) -> dict:
+def face_dict(face: FaceMatches, copies: Copies | None = None) -> dict:
     return {
         "face_index": face.face_index,
         "bbox": face.bbox,
@@ -214,11 +221,12 @@ def face_dict(face: FaceMatches) -> dict:
         "images": face.images,
         "datasets": face.datasets,
         "more_may_exist": face.more_may_exist,
-        "matches": [hit_dict(h) for h in face.matches],
+        "matches": [hit_dict(h, copies) for h in face.matches],
     }
 
 
-def hit_dict(h: Hit) -> dict:
+def hit_dict(h: Hit, copies: Copies | None = None) -> dict:
+    counts = copies.copy_counts(h.image_sha256) if copies is not None else None
     return {
         "face_id": h.face_id,
         "score": round(h.score, 6),
@@ -227,6 +235,8 @@ def hit_dict(h: Hit) -> dict:
         "bbox": list(h.bbox),
         "det_score": h.det_score,
         "occurrences": [{"dataset": o.dataset, "source_uri": o.source_uri} for o in h.occurrences],
+        # the photo's occurrences, its re-encoded copies' included, per data set (null: not known)
+        "copies": {"occurrences": sum(counts.values()), "datasets": counts} if counts is not None else None,
     }
 
 
@@ -244,7 +254,7 @@ def print_report(report: dict) -> None:
                 f"{face['images']} image(s) of {len(face['datasets'])} data set(s){more}"
             )
             out.print(line, soft_wrap=True)
-            table = Table("score", "data set", "box", "det score")
+            table = Table("score", "data set", "box", "det score", "copies of the photo")
             table.add_column("source", overflow="fold")  # the full URI, folded: people need all of it
             for m in face["matches"]:
                 for o in m["occurrences"]:
@@ -253,10 +263,18 @@ def print_report(report: dict) -> None:
                         o["dataset"],
                         ", ".join(f"{v:.0f}" for v in m["bbox"]),
                         f"{m['det_score']:.2f}",
+                        copies_text(m["copies"]),
                         o["source_uri"],
                     )
             if face["matches"]:
                 out.print(table)
+
+
+def copies_text(copies: dict | None) -> str:
+    """'3: a (2), b (1)': the photo's occurrences, re-encoded copies included, per data set."""
+    if copies is None:
+        return "?"
+    return f"{copies['occurrences']}: " + ", ".join(f"{n} ({c})" for n, c in copies["datasets"].items())
 
 
 def keygen(
