@@ -48,5 +48,6 @@ def _text(value: object) -> str | None:
         value = value.decode("utf-8", "replace")
     text = str(value).strip()
     # no control characters: a value may be shown in a terminal or a report
-    text = "".join(c for c in text if c.isprintable())
+    if not text.isprintable():
+        text = "".join(c for c in text if c.isprintable())
     return text[:MAX_FIELD_CHARS] or None
