@@ -122,7 +122,7 @@ class ModelConfig(Strict):
 
     backend: Literal["dlib", "insightface"] = "dlib"
     runtime: Literal["onnx", "dlib"] = Field(
-        "dlib",
+        "onnx",
         description="dlib backend: run the descriptor and MMOD networks on ONNX Runtime (onnx), with the "
         "weights read from dlib's own files, or in dlib itself; both give the same model_id",
     )
@@ -156,10 +156,14 @@ class ModelConfig(Strict):
     )
     det_size: int = Field(640, ge=32, description="insightface: detector input side (letterboxed to it)")
     nms_threshold: float = Field(0.4, ge=0, le=1, description="insightface: IoU above which boxes merge")
-    det_batch_size: int = Field(16, ge=1, description="insightface: images per detector run")
-    embed_batch_size: int = Field(64, ge=1, description="insightface: aligned faces per embedder run")
+    det_batch_size: int = Field(
+        16, ge=1, description="insightface, and dlib's MMOD on onnx: images per detector run"
+    )
+    embed_batch_size: int = Field(
+        64, ge=1, description="insightface, and dlib on onnx: aligned faces per embedder run"
+    )
     fp16: bool = Field(True, description="insightface on TensorRT: build fp16 engines")
-    threads: int = Field(0, ge=0, description="insightface: ORT CPU threads per worker (0: ORT default)")
+    threads: int = Field(0, ge=0, description="ONNX Runtime CPU threads per worker (0: ORT default)")
 
     @model_validator(mode="after")
     def _insightface_defaults(self) -> ModelConfig:

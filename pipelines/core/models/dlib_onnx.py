@@ -144,8 +144,9 @@ class DlibOnnxNets:
             from . import dlib_mmod
 
             mmod = graph_bytes(mmod_file, "dlib_mmod", dlib_mmod.build_mmod_graph, cache)
-            self._mmod = dlib_mmod.MmodDetector(open_dlib_session(mmod, options))
-            self.det_batch = config.det_batch_size
+            self._mmod = dlib_mmod.MmodDetector(
+                open_dlib_session(mmod, options), max_batch=config.det_batch_size
+            )
             graphs[mmod.name] = mmod
         self.provenance = {
             "runtime": "onnx",
@@ -174,7 +175,7 @@ class DlibOnnxNets:
         """MMOD's (left, top, right, bottom, score) per image, in dlib's rectangle convention."""
         if self._mmod is None:
             raise FatalError("the MMOD detector was not loaded (model.detector is not cnn)")
-        return self._mmod.detect(images, upsample=upsample, max_batch=self.det_batch)
+        return self._mmod.detect(images, upsample=upsample)
 
 
 def load_onnx_nets(config, resnet_file: str, mmod_file: str) -> DlibOnnxNets:
