@@ -413,6 +413,10 @@ def tile_pyramid(images: np.ndarray, spec: MmodSpec) -> tuple[np.ndarray, list[R
     tiles[:, :, first.top : first.bottom + 1, first.left : first.right + 1] = (
         images.transpose(0, 3, 1, 2).astype(np.float32) - means
     ) / np.float32(256)
+    # Images under about 55 px wide make dlib's layout stack tiles over each other, and dlib's
+    # in-place resize then reads pixels it has just written; here each level is resized from its
+    # source as it was. Both gave the same detections on 192 small cases (12 test photos at 20-90
+    # px, upsample 0 and 1).
     for above, rect in zip(rects, rects[1:], strict=False):
         src = tiles[:, :, above.top : above.bottom + 1, above.left : above.right + 1]
         tiles[:, :, rect.top : rect.bottom + 1, rect.left : rect.right + 1] = resize_float(
