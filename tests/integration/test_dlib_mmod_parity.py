@@ -67,10 +67,10 @@ def _centre(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return np.ascontiguousarray(image[top : top + rows, left : left + cols])
 
 
-def _assert_same(name, got, expected):
+def _assert_same(name, got, expected, tolerance=SCORE_TOLERANCE):
     assert [d[:4] for d in got] == [d[:4] for d in expected], name
     diffs = [abs(g[4] - e[4]) for g, e in zip(got, expected, strict=True)]
-    assert max(diffs, default=0.0) <= SCORE_TOLERANCE, (name, diffs)
+    assert max(diffs, default=0.0) <= tolerance, (name, diffs)
 
 
 def test_boxes_and_scores_match_dlib(mmod_session, mmod_cases):
@@ -94,7 +94,7 @@ def test_batches_give_what_single_images_give(mmod_session, mmod_cases):
     assert all(alone)  # every one has a face: the comparison is not between empty lists
     together = detector.detect(mixed)
     for i, (a, b) in enumerate(zip(together, alone, strict=True)):
-        _assert_same(f"image {i}", a, b)
+        _assert_same(f"image {i}", a, b, tolerance=1e-6)  # the same graph: float noise at most
 
 
 def test_builder_refuses_other_networks(mmod_network):
