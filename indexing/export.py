@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -151,6 +152,10 @@ def reshard(local: str, manifest: dict, n_shards: int, staged: str) -> dict:
     ]
     body = {k: v for k, v in manifest.items() if k != "checksum"}
     body["shards"] = entries
+    for key in bundle.COPIES_KEYS if manifest.get("copies") else ():  # one table for the collection
+        name = manifest["copies"][key]["file"]
+        storage.make_dirs(os.path.dirname(os.path.join(staged, name)))
+        shutil.copyfile(os.path.join(local, name), os.path.join(staged, name))
     return body
 
 

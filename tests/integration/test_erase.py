@@ -481,6 +481,8 @@ def test_killed_erase_completes_when_run_again(work, queries):
                 for s in complete.manifest["shards"]
                 for e in (s["index"], s["ids"], s["metadata"], s["hashes"])
             ),
+            # the copies table and its range hashes, rewritten without the erased image
+            *(Path(complete.manifest["copies"][key]["file"]).name for key in ("table", "hashes")),
         ]
     )
 
@@ -540,7 +542,8 @@ def test_erase_on_gcs(gcs_emulator, pristine, queries, tmp_path, monkeypatch, ve
     found, _ = find_by_ids(index, sorted(ids))
     report = erase(storage.join(root, "index"), found, cache_dirs=[str(cache)])
     assert report.run_faces_removed == len(ids) and report.caches_removed and not list(cache.iterdir())
-    assert report.files_deleted == 4  # the old index, ids, metadata and hash-table files of the one shard
+    # the old index, ids, metadata and hash-table files of the one shard, the copies table and its hashes
+    assert report.files_deleted == 6
     fresh = open_index(storage.join(root, "index"), cache_dir=str(tmp_path / "cache2"))
     assert fresh.ntotal == index.ntotal - len(ids)
     for photo in PERSON:
