@@ -36,6 +36,14 @@ class WorkUnit:
     def key(self) -> str:
         return f"{self.dataset}-{self.index:06d}"
 
+    @property
+    def size(self) -> int | None:
+        """How many records the unit holds, where its listing says: a folder's or list's items, a
+        Parquet slice's rows; None for a tar or a line-record file (known once read)."""
+        if self.kind in ("folder", "urilist"):
+            return len(self.items)
+        return self.span[3] if self.kind == "hf-parquet" else None
+
 
 @dataclass(slots=True)
 class RawImage:

@@ -113,7 +113,7 @@ class LocalRun:
         self.analyzed = 0
         self.tally = Tally()
         self.bar = tqdm(
-            total=sum(len(u.items) for u in state.pending if u.kind != "tar") or None,
+            total=sum(u.size or 0 for u in state.pending) or None,
             unit="img",
             disable=not job.progress,
             dynamic_ncols=True,
