@@ -223,6 +223,19 @@ def test_range_look_up_covers_origin_and_page_urls_of_faceless_images(built, pho
     assert scene_url.datasets == ["flickr"] and page.datasets == ["ms"] and scene_bytes.datasets == ["flickr"]
 
 
+def test_the_service_range_look_up_answers_for_a_faceless_image_url(built):
+    from indexing.lookup import url_hash
+    from tests.serve_helpers import running, serve_config
+
+    index, base, _ = built
+    wanted = url_hash(f"{base}/2.jpg")  # the scene's origin_url: no face, so only the copies table has it
+    with running(serve_config(index)) as (client, _):
+        answer = client.get(f"/v1/source/range/{wanted[:5]}")
+    assert answer.status_code == 200, answer.text
+    assert {"suffix": wanted[5:], "datasets": ["flickr"]} in answer.json()["matches"]
+
+
+# last in the module: it erases from the module's index
 def test_erasure_takes_an_image_out_of_the_copies_table_and_exports(built, photos, tmp_path):
     index, _, folder = built
     sha = shas(photos)
