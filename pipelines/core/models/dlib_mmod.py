@@ -531,10 +531,12 @@ class MmodDetector:
     """dlib's CNN face detector on an ONNX Runtime session of ``build_mmod_graph``'s graph (the
     graph carries the input means, tiling, window and NMS thresholds of its network file).
 
-    ``max_pixels`` bounds the tiled floats of one batch (a tiled image holds about 1.5 times the
-    pixels of the image, upsampling multiplies them by 4 each time, and the network's activations
-    take about 8 floats per tiled pixel): an image whose tiles alone exceed it is refused before
-    anything is allocated, and batches of same-size images stay within it.
+    ``max_pixels`` bounds the tiled pixels of one batch: an image whose tiled pyramid alone
+    exceeds it is refused before anything is allocated, and batches of same-size images stay
+    within it. A tiled image holds about 1.5 times the pixels of the image (a 2048x1536 image:
+    11.5 M), each upsampling multiplies that by 4, and a run on the CPU peaks at about 43 bytes per
+    tiled pixel (tiles, activations and ONNX Runtime's buffers; measured on that image and on four
+    1024x768 ones), so the default 24 M bounds a batch to about 1 GB.
     """
 
     def __init__(self, session, max_batch: int = 8, max_pixels: int = 24_000_000):
