@@ -114,6 +114,9 @@ def session_options(providers: list[str], threads: int, cache: Path) -> SessionO
         fp16=False,
         threads=threads,
         tf32=False,
+        # the engines run one worker process per core: threads that spin while waiting take the
+        # cores the other workers' HOG, landmarks and decoding need
+        spinning=False,
     )
 
 

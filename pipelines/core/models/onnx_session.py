@@ -61,6 +61,7 @@ class SessionOptions:
     fp16: bool = True
     threads: int = 0  # CPU intra-op threads (0: ONNX Runtime's default)
     tf32: bool = True  # CUDA: TF32 maths allowed (False where float32 results must match a CPU's)
+    spinning: bool = True  # CPU threads spin between runs (off where worker processes share cores)
 
 
 def provider_names(names: list[str]) -> list[str]:
@@ -119,6 +120,8 @@ def open_session(model_bytes: bytes, options: SessionOptions, profile: tuple[str
     so.log_severity_level = 3  # ORT warns about every node it places on the CPU; not news here
     if options.threads:
         so.intra_op_num_threads = options.threads
+    if not options.spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if options.trt_cache:
         os.makedirs(options.trt_cache, exist_ok=True)
     session = ort.InferenceSession(model_bytes, sess_options=so, providers=provider_list(options, profile))
