@@ -60,7 +60,8 @@ def main() -> None:
         )
     ours, base = results["faceaudit"], results["csv"]
     print(
-        f"faceaudit / csv: {(ours['rows'] / ours['seconds']) / (base['rows'] / base['seconds']):.2f}x rows/s, "
+        f"faceaudit / csv: {(ours['rows'] / ours['seconds']) / (base['rows'] / base['seconds']):.2f}x "
+        "rows/s, "
         f"{ours['peak_mib'] / base['peak_mib']:.2f}x peak RSS"
     )
 

@@ -66,7 +66,8 @@ def msceleb_line(i: int, photo: bytes) -> bytes:
     rect = base64.b64encode(struct.pack("<4f", 0.1, 0.2, 0.6, 0.7))
     fields = [
         mid(i % len(NAMES)).encode(), str(i % 7).encode(), f"http://img.example.org/p{i}.jpg".encode(),
-        f"http://page.example.org/a{i}.html".encode(), f"face-{i:06d}".encode(), rect, base64.b64encode(photo),
+        f"http://page.example.org/a{i}.html".encode(), f"face-{i:06d}".encode(), rect,
+        base64.b64encode(photo),
     ]
     return b"\t".join(fields) + b"\n"
 
@@ -99,7 +100,9 @@ def msceleb_tsv(folder: Path, photos: list[bytes], broken: bool = True) -> Fixtu
     return fixture
 
 
-def hf_parquet(folder: Path, photos: list[bytes], path_only: bool = False, row_group_size: int = 4) -> Fixture:
+def hf_parquet(
+    folder: Path, photos: list[bytes], path_only: bool = False, row_group_size: int = 4
+) -> Fixture:
     """``folder/train.parquet``: an ``image`` struct (bytes and path, or only a path to a file in
     ``folder/images``), an ``id``, and the label columns ``name`` and ``label`` (identity)."""
     source = folder / "train.parquet"
@@ -178,7 +181,8 @@ def flickr_meta(folder: Path, base_url: str, n: int, kind: str = "csv") -> Fixtu
         source.write_text("\n".join(lines) + "\n")
     else:
         lines = [json.dumps(r) for r in [*records, gone]]
-        lines += ['{"photo_id": "5559998", "url": ', json.dumps(dict(records[0], url=12345)), '{"photo_id": "1"}']
+        broken_json, wrong_type = '{"photo_id": "5559998", "url": ', json.dumps(dict(records[0], url=12345))
+        lines += [broken_json, wrong_type, '{"photo_id": "1"}']
         source.write_text("\n".join(lines) + "\n")
     fixture.broken[row_uri(source, n)] = "404"
     if kind == "csv":

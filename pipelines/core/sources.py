@@ -117,7 +117,8 @@ def plan_units(spec: DatasetSpec, unit_size: int) -> list[WorkUnit]:
 
 def _expect(spec: DatasetSpec, ok: bool, found: str) -> None:
     if not ok:
-        raise ConfigError(f"data set {spec.name!r}: source {spec.source} is {found}, not of format {spec.format}")
+        what = f"source {spec.source} is {found}, not of format {spec.format}"
+        raise ConfigError(f"data set {spec.name!r}: {what}")
 
 
 def _plan_records(spec: DatasetSpec, files: list[str], unit_size: int, folder: str) -> list[WorkUnit]:
@@ -352,7 +353,8 @@ def _read_records(unit: WorkUnit, http: HttpConfig) -> Iterator[RawImage]:
     def read(record: readers.Record) -> RawImage:
         raw = RawImage(unit.dataset, record.source_uri, record.data, record.error)
         if record.fetch is not None:
-            fetched = _read_one(unit.dataset, roots.resolve_entry(record.fetch, base), http, fetcher, unit.roots)
+            uri = roots.resolve_entry(record.fetch, base)
+            fetched = _read_one(unit.dataset, uri, http, fetcher, unit.roots)
             raw.data, raw.error = fetched.data, fetched.error
         raw.provenance = record.provenance
         return raw

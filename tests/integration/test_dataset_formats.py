@@ -3,7 +3,8 @@ image bytes, and path-only) and Flickr metadata (CSV and JSONL, photos fetched o
 
 One job holds every fixture. It runs through the CLI on the local engine, killed after a few
 units and resumed; Ray reads the path-only Parquet (an actor killed mid-run), Beam the TSV, the
-Parquet with image bytes and the Flickr metadata; every engine must give the local rows. Every good record is one ``images`` row with
+Parquet with image bytes and the Flickr metadata; every engine must give the local rows. Every
+good record is one ``images`` row with
 the provenance of its format, every broken one one error row (stage ``read``) with its reason,
 and no identity label of any fixture is in any output of the run or of an index built from it.
 """
@@ -15,7 +16,6 @@ import shutil
 import signal
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -58,7 +58,9 @@ def fixtures(tmp_path_factory, served) -> dict[str, ff.Fixture]:
     }
 
 
-FORMATS = {"ms": "msceleb-tsv", "hf": "auto", "hfpath": "hf-parquet", "flcsv": "auto", "fljsonl": "flickr-meta"}
+FORMATS = {
+    "ms": "msceleb-tsv", "hf": "auto", "hfpath": "hf-parquet", "flcsv": "auto", "fljsonl": "flickr-meta",
+}
 
 
 def specs(fixtures, names) -> list[DatasetSpec]:
@@ -74,7 +76,8 @@ def local_run(tmp_path_factory, fixtures) -> Path:
     registry = root / "registry"
     registry.mkdir()
     for spec in specs(fixtures, fixtures):
-        (registry / f"{spec.name}.yaml").write_text(yaml.safe_dump(spec.model_dump(include={"name", "source", "format"})))
+        entry = spec.model_dump(include={"name", "source", "format"})
+        (registry / f"{spec.name}.yaml").write_text(yaml.safe_dump(entry))
     job = {
         "datasets": list(fixtures), "registry": str(registry), "out": str(root / "out"),
         "images_per_shard": PER_SHARD, "http": {"allow_networks": LOOPBACK}, "run_id": "r", "workers": 1,
@@ -132,7 +135,8 @@ def test_no_identity_label_reaches_a_run_or_its_index(local_run, fixtures, tmp_p
     index = tmp_path / "index"
     build_index([str(local_run)], str(index))
     files = [p for folder in (local_run, index) for p in folder.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".parquet" for p in files) and any(p.name == "manifest.json" for p in index.rglob("*"))
+    assert any(p.suffix == ".parquet" for p in files)
+    assert any(p.name == "manifest.json" for p in index.rglob("*"))
     labels = {label.lower() for f in fixtures.values() for label in f.labels}
     leaks = {
         (str(p.relative_to(p.parents[2])), label)
@@ -158,19 +162,21 @@ def test_beam_reads_the_tsv_parquet_and_flickr_data_sets_like_the_local_engine(t
     assert rows_of(run, names) == rows_of(local_run, names)
 
 
-def test_a_run_written_before_the_provenance_columns_still_builds_an_index(local_run, tmp_path):
-    """The run with its ``images`` shards rewritten in the first, 10-column schema."""
+@pytest.mark.parametrize("every", [1, 2], ids=["all-old", "half-old"])
+def test_a_run_written_before_the_provenance_columns_still_builds_an_index(local_run, tmp_path, every):
+    """The run with its ``images`` shards rewritten in the first, 10-column schema: all of them,
+    or every other one (a run begun before the columns existed and resumed after)."""
     old = tmp_path / "old"
     shutil.copytree(local_run, old)
     body = manifest(old)
-    for shard in body["shards"]:
-        if shard["table"] == "images":
-            path = old / shard["file"]
-            table = pq.read_table(path)
-            pq.write_table(table.drop(list(ADDED_IMAGE_FIELDS)), path, compression="zstd")
-            shard["sha256"] = storage.sha256_file(str(path))
+    images = [shard for shard in body["shards"] if shard["table"] == "images"]
+    for shard in images[::every]:
+        path = old / shard["file"]
+        pq.write_table(pq.read_table(path).drop(list(ADDED_IMAGE_FIELDS)), path, compression="zstd")
+        shard["sha256"] = storage.sha256_file(str(path))
     (old / "_manifest.json").write_text(json.dumps(body))
-    assert len(pq.read_schema(next((old / "images").glob("*.parquet")))) == 10
+    widths = sorted({len(pq.read_schema(p)) for p in (old / "images").glob("*.parquet")})
+    assert widths == ([10] if every == 1 else [10, 10 + len(ADDED_IMAGE_FIELDS)])
 
     result = build_index([str(old)], str(tmp_path / "index"))
     fresh = build_index([str(local_run)], str(tmp_path / "fresh"))

@@ -162,7 +162,8 @@ def test_auto_tells_the_formats_from_their_endings_and_first_bytes(tmp_path, mon
 )
 def test_a_file_not_of_its_declared_format_is_a_config_error(tmp_path, fixture_name, fmt, says):
     (tmp_path / "a").mkdir()
-    fixture = ff.msceleb_tsv(tmp_path / "a", PHOTOS) if fixture_name == "ms" else ff.hf_parquet(tmp_path / "a", PHOTOS)
+    make = ff.msceleb_tsv if fixture_name == "ms" else ff.hf_parquet
+    fixture = make(tmp_path / "a", PHOTOS)
     source = fixture.source
     if fmt == "flickr-meta":
         source = source.rename(source.with_suffix(".csv"))

@@ -41,7 +41,9 @@ def unit_spans(uri: str, every: int, skip_lines: int = 0) -> list[tuple[int, int
     return [(row, start, stop) for (row, start), stop in zip(starts, bounds, strict=True)]
 
 
-def read_lines(uri: str, start: int, stop: int, first_row: int, limit: int) -> Iterator[tuple[int, bytes | None]]:
+def read_lines(
+    uri: str, start: int, stop: int, first_row: int, limit: int
+) -> Iterator[tuple[int, bytes | None]]:
     """(row, line without its end) for each line that starts in [start, stop); a line longer than
     ``limit`` bytes comes as (row, None) and is skipped without being held in memory."""
     fs, path = storage.url_to_fs(uri)

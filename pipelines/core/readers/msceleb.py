@@ -36,7 +36,9 @@ def looks_like(uri: str) -> bool:
 
 def check(uri: str) -> None:
     if not looks_like(uri):
-        raise ConfigError(f"{uri} is not an MS-Celeb TSV: its first line has not {COLUMNS} tab-separated columns")
+        raise ConfigError(
+            f"{uri} is not an MS-Celeb TSV: its first line has not {COLUMNS} tab-separated columns"
+        )
 
 
 def records(uri: str, span: tuple[int, ...], max_bytes: int) -> Iterator[Record]:
