@@ -10,7 +10,14 @@ A source (``DatasetSpec.source``) is one of:
 * a URI list file: ``.txt`` (one entry a line; blank and ``#`` lines skipped), ``.csv`` or
   ``.parquet`` (the column named url, uri, path or source_uri, else the first column; a .csv whose
   first line is already an entry has no header). Relative entries resolve against the list's
-  folder; http(s) entries are fetched over HTTP.
+  folder; http(s) entries are fetched over HTTP;
+* a file of records in a published data set format (``msceleb-tsv``, ``hf-parquet``,
+  ``flickr-meta``), or a folder or glob of them: ``pipelines.core.readers`` plans each file into
+  row-range units (kind = the format) and reads them; images they name by URL or path are read
+  here like a URI list's entries.
+
+``DatasetSpec.format`` says which; ``auto`` tells them apart by extension and first bytes, and a
+source that is not of its declared format is a ConfigError.
 
 Every item stays inside its data set (``roots``): a list entry outside the list's folder and the
 allowed roots, and a file whose real path (symlinks resolved) leaves the folder, become error rows
@@ -20,8 +27,8 @@ or a socket is an error row, never a hang.
 
 Loose files and list entries are chunked into units of ``unit_size`` items in listing order
 (kinds "folder" and "urilist"); each tar is one unit of kind "tar" (a WebDataset shard), however
-many members it has, because a tar can only be read from its start. The same listing always gives
-the same units, hence the same keys.
+many members it has, because a tar can only be read from its start; a record file's units are
+runs of ``unit_size`` rows. The same listing always gives the same units, hence the same keys.
 
 Reading never raises for one bad record: a failure becomes ``RawImage(error=reason)``.
 """

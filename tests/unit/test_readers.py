@@ -131,6 +131,15 @@ def test_flickr_entries_that_are_paths_resolve_against_the_metadata_folder(tmp_p
     assert raws[1].error == OUTSIDE
 
 
+def test_hostile_flickr_lines_are_error_rows(tmp_path):
+    path = tmp_path / "meta.jsonl"
+    bad = ["[" * 60_000, '"just a string"', "{" + '"a":1,' * 20_000 + '"url":"x"}' + "{" * 10, "\x00" * 10]
+    path.write_text(json.dumps({"url": "http://127.0.0.1/x.jpg"}) + "\n" + "\n".join(bad) + "\n")
+    raws = read_all(spec(path), unit_size=10)[1:]
+    assert len(raws) == len(bad) and all(r.error and r.data is None for r in raws)
+    assert {r.error for r in raws} >= {"not a JSON object (broken JSON)", "not a JSON object (a str)"}
+
+
 def test_auto_tells_the_formats_from_their_endings_and_first_bytes(tmp_path, monkeypatch):
     ms = ff.msceleb_tsv(tmp_path, PHOTOS[:1], broken=False).source
     hf = ff.hf_parquet(tmp_path, PHOTOS[:1]).source

@@ -35,7 +35,7 @@ def header(uri: str) -> list[str] | None:
         first = lines.first_line(uri, MAX_LINE_BYTES)
         try:
             obj = json.loads(first) if first.strip() else None
-        except ValueError:
+        except (ValueError, RecursionError):
             obj = None
         if not isinstance(obj, dict):
             raise ConfigError(f"{uri} is not flickr-meta JSONL: its first line is not a JSON object")
@@ -102,7 +102,7 @@ def _record(where: str, line: bytes, columns: list[str] | None) -> Record:
 def _json_fields(line: bytes) -> dict:
     try:
         obj = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # a line of 64k "[" nests past the interpreter's limit
         raise ValueError("not a JSON object (broken JSON)") from None
     if not isinstance(obj, dict):
         raise ValueError(f"not a JSON object (a {type(obj).__name__})")
