@@ -78,8 +78,8 @@ def test_groups_are_transitive_and_unusable_hashes_stay_alone():
     assert copies.group_ids(codes, usable).tolist() == [0, 0, 0, 3, 4]
 
 
-def test_many_hashes_group_as_a_flat_scan_would():
-    """The multi-hash index finds exactly the pairs a brute-force scan finds."""
+def test_both_indexes_group_as_a_brute_force_scan_would():
+    """The flat and the multi-hash index find exactly the pairs a brute-force comparison finds."""
     rng = np.random.default_rng(5)
     seeds = rng.integers(0, 256, (40, 32), dtype=np.uint8)
     codes = []
@@ -89,13 +89,14 @@ def test_many_hashes_group_as_a_flat_scan_would():
                 np.frombuffer(flipped(seed.tobytes(), list(rng.permutation(256)[:spread])), np.uint8)
             )
     codes = np.stack(codes)
-    groups = copies.group_ids(codes, np.ones(len(codes), bool))
     bits = np.unpackbits(codes[:, None, :] ^ codes[None, :, :], axis=2).sum(axis=2)
-    for i in range(len(codes)):
-        for j in range(len(codes)):
-            if bits[i, j] <= 31:
-                assert groups[i] == groups[j]
-    assert len(set(groups.tolist())) == 40  # random seeds lie about 128 bits apart
+    for size in (1, copies.FLAT_MAX + 1):  # the flat scan's index and the multi-hash one
+        groups = copies.group_ids(codes, np.ones(len(codes), bool), copies.binary_index(size))
+        for i in range(len(codes)):
+            for j in range(len(codes)):
+                if bits[i, j] <= 31:
+                    assert groups[i] == groups[j]
+        assert len(set(groups.tolist())) == 40  # random seeds lie about 128 bits apart
 
 
 def write_old_images(path, rows: list[dict]) -> Shard:
