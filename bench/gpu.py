@@ -1,6 +1,7 @@
-"""GPU throughput of the insightface backend: detection, alignment and embedding, per runtime and batch.
+"""GPU throughput of the insightface backend (detection, alignment, embedding) and of dlib's two
+networks on ONNX Runtime (the default dlib backend: descriptor and MMOD detector), per runtime and batch.
 
-NOT YET RUN ON A GPU. It was written and dry-run (--dry-run, CPU only) in a session without one;
+NOT YET RUN ON A GPU. It was written and dry-run (--dry-run, CPU only) in sessions without one;
 no figure in the docs comes from it yet.
 
     python bench/gpu.py [--pack DIR] [--photos DIR] [--max-side 0] [--seconds 4] [--budget 420]
@@ -22,6 +23,17 @@ starting new measurements in time):
   of the same session or network on a pre-made batch (the ratio shows what our Python costs);
   mean GPU utilisation from nvidia-smi while each ran.
 * CPU side with all cores (decode, letterbox, alignment): the likely ceiling per GPU.
+
+dlib's networks (--dlib-dat DIR holding dlib_face_recognition_resnet_model_v1.dat and
+mmod_human_face_detector.dat, 23 MB together, when face-recognition-models is not installed; copy
+them into an ignored folder such as .bench/dlib-dat and carry it): their ONNX graphs are built here
+from the .dat files, then the descriptor (random chips, faces/s per batch in --dlib-batches) and
+MMOD (test photos on 512x512 canvases, images/s per batch in --dlib-det-batches) run on ONNX
+Runtime's TensorRT and CUDA providers when this onnxruntime has them (float32: TF32 and fp16 off,
+as the backend runs them), else the same graphs run op by op in PyTorch on CUDA in float32 with
+TF32 off (bench/gpu_nets.TorchGraph); each row gives the largest difference to the CPU reference
+(ONNX Runtime on the CPU, else PyTorch on the CPU), which must stay under 1e-5 for the
+descriptors to share an index with dlib's. What cannot run is said in a note, and skipped.
 
 --wheels DIR first installs missing pure-Python dependencies (pydantic, pyyaml, fsspec,
 opencv-python-headless, onnx2torch, ...) from wheels carried in DIR, with pip --no-index.
@@ -290,6 +302,181 @@ def torch_rows(det_net, rec_net, device: str, images, args, clock, converted: bo
     )
 
 
+# --- dlib's networks (issue #15) -----------------------------------------------------------------
+
+DLIB_FILES = ("dlib_face_recognition_resnet_model_v1.dat", "mmod_human_face_detector.dat")
+
+
+def dlib_files(folder: Path | None) -> tuple[Path, Path] | str:
+    """The two .dat files, from ``folder`` or the installed face-recognition-models; else why not."""
+    if folder:
+        paths = tuple(folder / name for name in DLIB_FILES)
+        missing = [p.name for p in paths if not p.is_file()]
+        return f"--dlib-dat {folder} lacks {', '.join(missing)}" if missing else paths
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        return "dlib's .dat files: face-recognition-models is not installed and --dlib-dat was not given"
+    root = Path(list(spec.submodule_search_locations)[0]) / "models"
+    return tuple(root / name for name in DLIB_FILES)
+
+
+def dlib_runtimes(env: dict, args, graphs: dict, work: Path, report: dict) -> list[tuple[str, dict]]:
+    """(name, {"resnet": session-like, "mmod": session-like}) per runtime that can run here."""
+    from pipelines.core.models.dlib_onnx import open_dlib_session, session_options
+
+    out = []
+    providers = [
+        p
+        for p, name in (("tensorrt", "TensorrtExecutionProvider"), ("cuda", "CUDAExecutionProvider"))
+        if name in env.get("ort_providers", [])
+    ]
+    if args.dry_run:
+        providers = ["cpu"]
+    for provider in providers:
+        chain = ["tensorrt", "cuda"] if provider == "tensorrt" else [provider]
+        options = session_options(chain, 0, work)
+        top = max(args.dlib_batches)
+        profile = ("chips:1x150x150x3", f"chips:{top}x150x150x3", f"chips:{top}x150x150x3")
+        try:
+            sessions = {
+                "resnet": open_dlib_session(graphs["resnet"], options, profile),
+                "mmod": open_dlib_session(graphs["mmod"], options),
+            }
+            out.append((f"ort-{provider}-fp32", sessions))
+        except Exception as exc:  # noqa: BLE001 - one runtime failing must not lose the others' figures
+            report["notes"].append(f"dlib on ort-{provider}: {type(exc).__name__}: {str(exc)[:300]}")
+    gpu_ort = [p for p in providers if p != "cpu"]
+    if env.get("cuda") and not gpu_ort:
+        torch_sessions = _torch_sessions(graphs, "cuda", report)
+        if torch_sessions:
+            out.append(("torch-cuda-fp32", torch_sessions))
+    if not out:
+        report["notes"].append(
+            "dlib on GPU: this onnxruntime has no CUDA or TensorRT provider and torch sees no CUDA device"
+        )
+    return out
+
+
+def _torch_sessions(graphs: dict, device: str, report: dict) -> dict | None:
+    try:
+        import onnx
+        import torch
+        from gpu_nets import TorchGraph
+
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32, as the backend's GPU sessions
+        torch.backends.cudnn.allow_tf32 = False
+        return {k: TorchGraph(onnx.load_from_string(g.data), device) for k, g in graphs.items()}
+    except Exception as exc:  # noqa: BLE001
+        report["notes"].append(f"dlib on torch-{device}: {type(exc).__name__}: {str(exc)[:300]}")
+        return None
+
+
+def _reference(env: dict, graphs: dict, report: dict) -> tuple[str, dict] | None:
+    """The CPU reference: ONNX Runtime on the CPU, else PyTorch on the CPU."""
+    if env.get("onnxruntime"):
+        import onnxruntime as ort
+
+        sessions = {
+            k: ort.InferenceSession(g.data, providers=["CPUExecutionProvider"]) for k, g in graphs.items()
+        }
+        return "ort-cpu", sessions
+    sessions = _torch_sessions(graphs, "cpu", report)
+    return ("torch-cpu", sessions) if sessions else None
+
+
+def _canvases(folder: Path, count: int, side: int = 512) -> list[np.ndarray]:
+    """Test photos shrunk into side x side canvases: one size, so MMOD batches them all."""
+    from PIL import Image, ImageOps
+
+    files = sorted(folder.glob("*.jpg"))[:count] if folder.is_dir() else []
+    out = []
+    for path in files:
+        image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        image.thumbnail((side, side))
+        canvas = Image.new("RGB", (side, side))
+        canvas.paste(image, (0, 0))
+        out.append(np.asarray(canvas))
+    if not out:  # no photos: noise finds no faces but costs the same
+        rng = np.random.default_rng(1)
+        out = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(count)]
+    return out
+
+
+def dlib_rows(args, clock: Clock, report: dict, work: Path) -> list[Row]:
+    """Descriptor faces/s and MMOD images/s per runtime and batch, with the difference to the CPU."""
+    env = report["env"]
+    files = dlib_files(args.dlib_dat)
+    if isinstance(files, str):
+        report["notes"].append(f"dlib skipped: {files}")
+        return []
+    try:
+        from pipelines.core.models import dlib_mmod
+        from pipelines.core.models.dlib_onnx import graph_bytes
+        from pipelines.core.models.dlib_resnet_onnx import build_resnet_graph
+    except ImportError as exc:
+        report["notes"].append(f"dlib skipped: {exc} (carry its wheel with --wheels)")
+        return []
+    graphs = {
+        "resnet": graph_bytes(files[0], "dlib_resnet_v1", build_resnet_graph, work),
+        "mmod": graph_bytes(files[1], "dlib_mmod", dlib_mmod.build_mmod_graph, work),
+    }
+    report["dlib_graphs_sha256"] = {k: g.sha256 for k, g in graphs.items()}
+    rng = np.random.default_rng(15)
+    chips = rng.integers(0, 256, (max(args.dlib_batches), 150, 150, 3), dtype=np.uint8)
+    images = _canvases(args.photos, 4 if args.dry_run else 16)
+    reference = _reference(env, graphs, report)
+    expected = boxes = None
+    if reference:
+        expected = reference[1]["resnet"].run(None, {"chips": chips[:32]})[0]
+        ref_detector = dlib_mmod.MmodDetector(reference[1]["mmod"], max_batch=1)
+        boxes = [ref_detector.detect([im])[0] for im in images]
+        report["notes"].append(f"dlib parity reference: {reference[0]}")
+    rows = []
+    for name, sessions in dlib_runtimes(env, args, graphs, work, report):
+        rows += _dlib_runtime_rows(name, sessions, chips, images, expected, boxes, args, clock, dlib_mmod)
+    return rows
+
+
+def _dlib_runtime_rows(name, sessions, chips, images, expected, boxes, args, clock, dlib_mmod) -> list[Row]:
+    rows = []
+    resnet = sessions["resnet"]
+    diff = None
+    if expected is not None:
+        got = resnet.run(None, {"chips": chips[:32]})[0]
+        diff = float(np.abs(got - expected).max())
+    for batch in args.dlib_batches:
+        if not clock.allows(2):
+            rows.append(Row(name, "dlib-descriptor", batch, note="skipped: time budget"))
+            continue
+        part = chips[:batch]
+        calls, elapsed, util = timed(lambda p=part: resnet.run(None, {"chips": p}), args.seconds)
+        note = f"max abs diff to CPU {diff:.1e}" if diff is not None else "no CPU reference"
+        rows.append(Row(name, "dlib-descriptor", batch, None, calls * batch / elapsed, None, util, note))
+    for batch in args.dlib_det_batches:
+        if not clock.allows(3):
+            rows.append(Row(name, "dlib-mmod-512", batch, note="skipped: time budget"))
+            continue
+        detector = dlib_mmod.MmodDetector(sessions["mmod"], max_batch=batch)
+        found = detector.detect(images)
+        same = "no CPU reference" if boxes is None else _compare_boxes(found, boxes)
+        calls, elapsed, util = timed(lambda d=detector: d.detect(images), args.seconds)
+        faces = sum(len(f) for f in found) / len(images)
+        rate = calls * len(images) / elapsed
+        rows.append(Row(name, "dlib-mmod-512", batch, rate, rate * faces, None, util, same))
+    return rows
+
+
+def _compare_boxes(found, expected) -> str:
+    """Whether the boxes equal the CPU reference's, and the largest score difference."""
+    same, worst = True, 0.0
+    for ours, theirs in zip(found, expected, strict=True):
+        if [f[:4] for f in ours] != [f[:4] for f in theirs]:
+            same = False
+            continue
+        worst = max([worst, *(abs(a[4] - b[4]) for a, b in zip(ours, theirs, strict=True))])
+    return f"boxes equal to CPU: {same}, max score diff {worst:.1e}"
+
+
 # --- CPU side --------------------------------------------------------------------------------
 
 
@@ -427,12 +614,20 @@ def parse_args(argv=None):
     ap.add_argument("--embed-batches", default="64,128,256")
     ap.add_argument("--out", type=Path, default=REPO / ".bench" / "gpu.json")
     ap.add_argument("--wheels", help="folder of wheels to install missing dependencies from")
+    ap.add_argument("--dlib-dat", type=Path, help="folder with dlib's two .dat files (default: installed)")
+    ap.add_argument("--dlib-batches", default="1,32,128,512", help="descriptor batch sizes")
+    ap.add_argument("--dlib-det-batches", default="1,8,16", help="MMOD batch sizes (512x512 images)")
+    ap.add_argument("--no-dlib", action="store_true", help="skip dlib's networks")
+    ap.add_argument("--no-insightface", action="store_true", help="skip the insightface networks")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU, to check the script")
     args = ap.parse_args(argv)
     if args.dry_run:
         args.seconds, args.det_batches, args.embed_batches = 0.5, "2", "4"
+        args.dlib_batches, args.dlib_det_batches = "1,8", "1,2"
     args.det_batches = [int(b) for b in args.det_batches.split(",")]
     args.embed_batches = [int(b) for b in args.embed_batches.split(",")]
+    args.dlib_batches = [int(b) for b in args.dlib_batches.split(",")]
+    args.dlib_det_batches = [int(b) for b in args.dlib_det_batches.split(",")]
     return args
 
 
@@ -453,6 +648,9 @@ def main(argv=None) -> None:
     images, encoded, source = load_photos(args.photos, 8 if args.dry_run else 64, args.max_side)
     report["notes"].append(f"inputs: {source}")
     rows: list[Row] = []
+    if not args.no_dlib:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += dlib_rows(args, clock, report, Path(tmp))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         det_path = rec_path = None
@@ -486,12 +684,14 @@ def main(argv=None) -> None:
         ]
         if args.dry_run:
             gpu_providers = ["cpu"]
-        for provider in gpu_providers if det_path else []:
+        for provider in gpu_providers if det_path and not args.no_insightface else []:
             try:
                 rows += ort_rows(provider, det_path, rec_path, images, args, clock, work)
             except Exception as exc:  # noqa: BLE001 - one runtime failing must not lose the others' figures
                 report["notes"].append(f"ort-{provider} failed: {type(exc).__name__}: {str(exc)[:300]}")
         torch_device = "cuda" if env.get("cuda") else ("cpu" if args.dry_run else None)
+        if args.no_insightface:
+            torch_device = None
         if torch_device and det_net is not None and (not gpu_providers or gpu_providers == ["cpu"]):
             try:
                 rows += torch_rows(det_net, rec_net, torch_device, images, args, clock, bool(args.pack))

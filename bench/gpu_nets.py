@@ -223,3 +223,82 @@ class TorchRunner:
     def sync(self) -> None:
         if self.device.startswith("cuda"):
             self.torch.cuda.synchronize()
+
+
+class TorchGraph:
+    """Runs the ONNX graphs of dlib's networks (pipelines/core/models/dlib_resnet_onnx.py and
+    dlib_mmod.py) in PyTorch, op by op, in float32: on a GPU machine whose ONNX Runtime has no
+    CUDA provider, this is how the same graph, with the same weights, is timed on CUDA. Only the
+    ops those graphs use are known; any other is refused by name. Behaves as an ONNX Runtime
+    session for our code: ``run(names, feeds)`` and ``get_modelmeta().custom_metadata_map``."""
+
+    OPS = (
+        "Cast Sub Mul Add Transpose Conv Relu MaxPool AveragePool Pad GlobalAveragePool Flatten MatMul"
+    ).split()
+
+    def __init__(self, model, device: str):
+        import torch
+        from onnx import helper, numpy_helper
+
+        self.torch, self.device = torch, device
+        self.consts = {
+            t.name: torch.from_numpy(numpy_helper.to_array(t).copy()).to(device)
+            for t in model.graph.initializer
+        }
+        self.nodes = []
+        for node in model.graph.node:
+            if node.op_type not in self.OPS:
+                raise ValueError(f"TorchGraph does not know the op {node.op_type}")
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            self.nodes.append((node.op_type, list(node.input), list(node.output), attrs))
+        self.outputs = [o.name for o in model.graph.output]
+        self.meta = {p.key: p.value for p in model.metadata_props}
+
+    def get_modelmeta(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(custom_metadata_map=self.meta)
+
+    def run(self, names, feeds: dict) -> list[np.ndarray]:
+        with self.torch.no_grad():
+            values = dict(self.consts)
+            values.update(
+                {k: self.torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
+            )
+            for op, inputs, outputs, attrs in self.nodes:
+                values[outputs[0]] = self._op(op, [values[i] for i in inputs if i], attrs)
+            return [values[n].cpu().numpy() for n in (names or self.outputs)]
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def _op(self, op: str, x: list, a: dict):
+        F = self.torch.nn.functional
+        if op == "Cast":
+            return x[0].float()
+        if op in ("Sub", "Mul", "Add"):
+            return {"Sub": x[0] - x[1], "Mul": x[0] * x[1], "Add": x[0] + x[1]}[op]
+        if op == "Transpose":
+            return x[0].permute(*a["perm"]).contiguous()
+        if op == "Conv":
+            pads = a.get("pads", [0, 0, 0, 0])
+            if pads[0] != pads[2] or pads[1] != pads[3]:
+                raise ValueError("TorchGraph: asymmetric Conv padding")
+            bias = x[2] if len(x) > 2 else None
+            return F.conv2d(x[0], x[1], bias, stride=tuple(a["strides"]), padding=(pads[0], pads[1]))
+        if op == "Relu":
+            return F.relu(x[0])
+        if op in ("MaxPool", "AveragePool"):
+            if any(a.get("pads", [0])):
+                raise ValueError(f"TorchGraph: padded {op}")
+            pool = F.max_pool2d if op == "MaxPool" else F.avg_pool2d
+            return pool(x[0], tuple(a["kernel_shape"]), tuple(a["strides"]))
+        if op == "Pad":  # ONNX: begins of every axis, then ends; ours pad height and width only
+            p = [int(v) for v in x[1].tolist()]
+            return F.pad(x[0], (p[3], p[7], p[2], p[6]))
+        if op == "GlobalAveragePool":
+            return x[0].mean(dim=(2, 3), keepdim=True)
+        if op == "Flatten":
+            return x[0].flatten(a.get("axis", 1))
+        return x[0] @ x[1]  # MatMul
