@@ -123,3 +123,11 @@ def test_bad_or_oversized_images_are_refused_and_tiny_ones_find_nothing(mmod_ses
     # dlib itself fails on these (its convolutions refuse them, or worse); here they find nothing
     tiny = [np.zeros((0, 0, 3), np.uint8), np.full((1, 1, 3), 128, np.uint8), image[:9, :7].copy()]
     assert detector.detect(tiny, 0) == [[], [], []]
+
+
+def test_a_graph_without_the_networks_spec_is_refused(mmod_network):
+    model = build_mmod_graph(mmod_network)
+    del model.metadata_props[:]  # the means, tiling, window and NMS thresholds travel there
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="not built by build_mmod_graph"):
+        MmodDetector(session)
