@@ -224,3 +224,17 @@ def test_provenance_keeps_short_printable_values_of_its_own_fields_only():
     assert common.provenance(owner="") is None
     with pytest.raises(ValueError, match="not a provenance field"):
         common.provenance(name="someone")
+
+
+def test_a_parquet_row_group_too_large_to_decode_at_once_is_one_error_row_per_row(tmp_path, monkeypatch):
+    from pipelines.core.readers import hf_parquet
+
+    fixture = ff.hf_parquet(tmp_path, PHOTOS, row_group_size=4)
+    meta = pq.ParquetFile(fixture.source).metadata
+    sizes = [hf_parquet._column_bytes(meta.row_group(g), "image") for g in (0, 1)]
+    monkeypatch.setattr(hf_parquet, "MAX_GROUP_BYTES", (sizes[0] + sizes[1]) // 2)  # between the two
+    raws = read_all(spec(fixture.source), unit_size=3)
+    big = 0 if sizes[0] > sizes[1] else 1
+    refused = [r for r in raws if r.error and "MiB of images" in r.error]
+    assert [r.source_uri for r in refused] == [f"{fixture.source}#row={big * 4 + i}" for i in range(4)]
+    assert len(raws) == 8

@@ -103,5 +103,5 @@ def records(unit: WorkUnit, max_bytes: int) -> Iterator[Record]:
         for record in found:
             yield record
             row = int(record.source_uri.rsplit("#row=", 1)[1]) + 1
-    except (OSError, ValueError, pa.ArrowException) as exc:
+    except (OSError, ValueError, MemoryError, pa.ArrowException) as exc:  # e.g. a page claiming 1 TB
         yield Record(row_uri(uri, row), error=f"broken file: {type(exc).__name__}: {str(exc)[:150]}")

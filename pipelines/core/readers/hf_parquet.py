@@ -22,6 +22,10 @@ from .common import Record, provenance, row_uri
 SUFFIXES = (".parquet",)
 ID_COLUMNS = ("id", "image_id", "record_id", "__key__", "key")  # never "label" or "celebrity_id"
 BATCH_ROWS = 16
+# pyarrow decodes a row group's image column whole (about twice its size in memory, measured with
+# pyarrow 25), whatever the batch size: a group larger than this is refused, one error row per
+# row. The `datasets` library writes image files in groups of 100 rows.
+MAX_GROUP_BYTES = 1 << 30
 
 
 def _open(uri: str) -> pq.ParquetFile:
@@ -75,6 +79,11 @@ def records(uri: str, span: tuple[int, ...], columns: tuple[str, ...], max_bytes
     first_row, group, offset, count = span
     base = uri.rsplit("/", 1)[0] if "/" in uri else "."
     parquet = _open(uri)
+    size = _column_bytes(parquet.metadata.row_group(group), columns[0])
+    if size > MAX_GROUP_BYTES:
+        reason = f"row group {group} holds {size >> 20} MiB of images, over {MAX_GROUP_BYTES >> 20} MiB"
+        yield from (Record(row_uri(uri, first_row + i), error=reason) for i in range(count))
+        return
     row = first_row - offset  # the group's first row
     for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=list(columns)):
         images = batch.column(0)
@@ -86,6 +95,14 @@ def records(uri: str, span: tuple[int, ...], columns: tuple[str, ...], max_bytes
             row += 1
         if row >= first_row + count:
             return
+
+
+def _column_bytes(group: pq.RowGroupMetaData, column: str) -> int:
+    """The uncompressed bytes of ``column``'s leaves (``image.bytes``, ``image.path``) in a group."""
+    leaves = (group.column(i) for i in range(group.num_columns))
+    return sum(
+        c.total_uncompressed_size for c in leaves if c.path_in_schema.split(".", 1)[0] == column
+    )
 
 
 def _record(where: str, image: object, record_id: object, base: str, max_bytes: int) -> Record:
