@@ -13,14 +13,13 @@ apart, PDQ's recommended threshold, and groups are the connected components of t
 more take part: below it PDQ itself calls the hash unreliable (flat images hash alike), so such an
 image keeps a group of its own and is found by its exact bytes, its URLs or its owner only.
 
-The pairs come from a FAISS binary range search (distance < 32). Up to ``FLAT_MAX`` hashes it is
-``IndexBinaryFlat``, an exact scan whose cost grows with the square of the collection; above, an
-``IndexBinaryMultiHash``: 16 hash tables on 16-bit slices, probed with one bit flipped. Two hashes
-31 bits apart differ in at most one bit on some slice (16 slices, 31 < 2 x 16), so it finds every
-pair the scan would (tests/unit/test_pdq_copies.py checks it), and its cost per query is about
-constant (272 probes). bench/pdq.py times both on the same hashes: on this 2-core machine the
-scan wins below about 200,000 hashes, the multi-hash above (4 times faster at a million, by
-extrapolating both measured curves).
+The pairs come from a FAISS ``IndexBinaryFlat`` range search (distance < 32): an exact scan,
+its cost growing with the square of the collection. ``IndexBinaryMultiHash`` (16 tables on 16-bit
+slices probed with one bit flipped, exact for 31 bits since 31 < 2 x 16) should grow linearly, but
+measured on this 2-core machine it never won (``bench/pdq.py --hashes N`` times both on the same
+hashes; README, "Index and search", has the figures). By the square law the scan would take about a
+day for ten million images (an extrapolation, not measured): a sharded scan or a tuned
+multi-index belongs there.
 """
 
 from __future__ import annotations
@@ -60,7 +59,6 @@ SCHEMA = pa.schema(
 )
 READ_COLUMNS = ["image_sha256", "dataset", "source_uri", *PROVENANCE, "pdq", "pdq_quality"]
 QUERY_BATCH = 4096
-FLAT_MAX = 200_000  # hashes: above, the multi-hash index groups faster (measured, bench/pdq.py)
 FLICKR_ID = re.compile(r"(?:staticflickr\.com/\d+/(\d+)_|flickr\.com/photos/[^/]+/(\d+))")
 
 
@@ -70,13 +68,13 @@ FLICKR_ID = re.compile(r"(?:staticflickr\.com/\d+/(\d+)_|flickr\.com/photos/[^/]
 def group_ids(hashes: np.ndarray, usable: np.ndarray, index: faiss.IndexBinary | None = None) -> np.ndarray:
     """Per row of ``hashes`` (uint8 [n, 32]), the smallest row number of its group: rows whose
     hashes lie at most ``MATCH_DISTANCE`` bits apart, transitively; rows not ``usable`` alone.
-    ``index``: an empty binary index to search with (default: ``binary_index``'s choice)."""
+    ``index``: an empty binary index to search with (default: ``binary_index()``)."""
     n = len(hashes)
     parent = np.arange(n)
     rows = np.flatnonzero(usable)
     if len(rows) < 2:
         return parent
-    index = index if index is not None else binary_index(len(rows))
+    index = index if index is not None else binary_index()
     codes = np.ascontiguousarray(hashes[rows], dtype=np.uint8)
     index.add(codes)
     for lo in range(0, len(rows), QUERY_BATCH):
@@ -87,14 +85,9 @@ def group_ids(hashes: np.ndarray, usable: np.ndarray, index: faiss.IndexBinary |
     return np.array([_root(parent, i) for i in range(n)], dtype=np.int64)
 
 
-def binary_index(n: int) -> faiss.IndexBinary:
-    """A flat scan up to ``FLAT_MAX`` hashes (faster there: bench/pdq.py), the multi-hash index
-    above (its cost grows with n, the scan's with n squared)."""
-    if n <= FLAT_MAX:
-        return faiss.IndexBinaryFlat(pdq.BITS)
-    index = faiss.IndexBinaryMultiHash(pdq.BITS, 16, 16)
-    index.nflip = 1  # exact for 31 bits over 16 slices: see the module's note
-    return index
+def binary_index() -> faiss.IndexBinary:
+    """The index the grouping searches: an exact scan (see the module's note for why)."""
+    return faiss.IndexBinaryFlat(pdq.BITS)
 
 
 def _root(parent: np.ndarray, i: int) -> int:
