@@ -238,3 +238,20 @@ def test_a_parquet_row_group_too_large_to_decode_at_once_is_one_error_row_per_ro
     refused = [r for r in raws if r.error and "MiB of images" in r.error]
     assert [r.source_uri for r in refused] == [f"{fixture.source}#row={big * 4 + i}" for i in range(4)]
     assert len(raws) == 8
+
+
+def test_record_files_in_gcs_read_as_on_disk(tmp_path, gcs_emulator):
+    from pipelines.core import storage
+
+    bucket = gcs_emulator.make_bucket("readers")
+    ms = ff.msceleb_tsv(tmp_path, PHOTOS)
+    (tmp_path / "hf").mkdir()
+    hf = ff.hf_parquet(tmp_path / "hf", PHOTOS, path_only=True)
+    for path in [ms.source, hf.source, *(tmp_path / "hf" / "images").iterdir()]:
+        storage.write_atomic(storage.join(bucket, str(path.relative_to(tmp_path))), path.read_bytes())
+    for local, name in ((ms.source, "faces.tsv"), (hf.source, "hf/train.parquet")):
+        remote = storage.join(bucket, name)
+        want = [(r.source_uri.replace(str(tmp_path), bucket), r.data, r.error, r.provenance)
+                for r in read_all(spec(local))]
+        got = [(r.source_uri, r.data, r.error, r.provenance) for r in read_all(spec(remote))]
+        assert got == want and len(got) == 8
