@@ -108,7 +108,7 @@ def plan_units(spec: DatasetSpec, unit_size: int) -> list[WorkUnit]:
     if fmt == "auto":
         fmt = readers.detect(source, spec.image_column) or fmt
     if fmt in readers.FORMATS:
-        return _plan_records(spec, [source], unit_size, _parent(source))
+        return _plan_records(spec, [source], unit_size, _parent(source), single=True)
     if lower.endswith(TAR_SUFFIXES) and fmt in ("auto", "tar"):
         return [WorkUnit(spec.name, source, "tar", 0, (source,), (source,))]
     if lower.endswith(LIST_SUFFIXES) and fmt in ("auto", "urls"):
@@ -128,20 +128,36 @@ def _expect(spec: DatasetSpec, ok: bool, found: str) -> None:
         raise ConfigError(f"data set {spec.name!r}: {what}")
 
 
-def _plan_records(spec: DatasetSpec, files: list[str], unit_size: int, folder: str) -> list[WorkUnit]:
+def _plan_records(
+    spec: DatasetSpec, files: list[str], unit_size: int, folder: str, single: bool = False
+) -> list[WorkUnit]:
     """The units of the record files (msceleb-tsv, hf-parquet, flickr-meta) among ``files``, in
-    order; a file of the format's endings that is not of the format is a ConfigError. Their
-    records may name files under ``folder`` and the data set's allowed roots."""
+    order. A ``single`` file that is not of its format is a ConfigError; in a folder or glob, files
+    of the format's endings that are not of it (MS-Celeb's MID -> name TSV) are skipped with a
+    warning, and a folder with none that is, is a ConfigError. A local file found in a folder must
+    really be under it or the allowed roots (a symlink cannot lead out), as must what records name."""
     fmt = spec.format if spec.format in readers.FORMATS else None
     inside = (folder, *(_normalize(r) for r in spec.allowed_roots))
     units: list[WorkUnit] = []
     for uri in files:
-        found = fmt or readers.detect(uri, spec.image_column)
-        if fmt and not uri.lower().endswith(readers.SUFFIXES[fmt]) and len(files) > 1:
-            continue  # a folder's other files (a README, a MID->name file) are not records
-        if found is None:
-            raise ConfigError(f"data set {spec.name!r}: {uri} is not of a record format")
-        units += readers.plan_file(spec.name, uri, found, spec.image_column, unit_size, len(units), inside)
+        if not single and not uri.lower().endswith(readers.SUFFIXES[spec.format]):
+            continue  # a folder's other files (a README, a licence) are not records
+        try:
+            if not single and storage.is_local(uri):  # a file named as the source is taken as named
+                roots.check_real_path(uri, inside)
+            found = fmt or readers.detect(uri, spec.image_column)
+            if found is None:
+                raise ConfigError(f"{uri} is not of a record format ({', '.join(readers.FORMATS)})")
+            start = len(units)
+            units += readers.plan_file(spec.name, uri, found, spec.image_column, unit_size, start, inside)
+        except RecordError as exc:
+            raise ConfigError(f"data set {spec.name!r}: {uri}: {exc.reason}") from None
+        except ConfigError as exc:
+            if single:
+                raise
+            log.warning("data set %r: skipped %s", spec.name, exc)
+    if not units and not single:
+        raise ConfigError(f"data set {spec.name!r}: no file of format {fmt} in {folder}")
     return units
 
 

@@ -255,3 +255,19 @@ def test_record_files_in_gcs_read_as_on_disk(tmp_path, gcs_emulator):
                 for r in read_all(spec(local))]
         got = [(r.source_uri, r.data, r.error, r.provenance) for r in read_all(spec(remote))]
         assert got == want and len(got) == 8
+
+
+def test_a_folder_of_record_files_skips_side_files_and_refuses_links_out(tmp_path):
+    (tmp_path / "set").mkdir()
+    fixture = ff.msceleb_tsv(tmp_path / "set", PHOTOS)  # with mid2name.tsv beside it: 2 columns
+    (tmp_path / "set" / "README.md").write_text("not records")
+    units = plan_units(spec(tmp_path / "set", "msceleb-tsv"), 100)
+    assert [u.items for u in units] == [(str(fixture.source),)]  # the names file is never planned
+    (tmp_path / "elsewhere.tsv").write_bytes(fixture.source.read_bytes())
+    (tmp_path / "set" / "link.tsv").symlink_to(tmp_path / "elsewhere.tsv")
+    with pytest.raises(ConfigError, match="link.tsv: outside the data set"):
+        plan_units(spec(tmp_path / "set", "msceleb-tsv"), 100)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "mid2name.tsv").write_text("m.0qz0000x\tQuillon Vextrabe@en\n")
+    with pytest.raises(ConfigError, match="no file of format msceleb-tsv"):
+        plan_units(spec(tmp_path / "empty", "msceleb-tsv"), 100)
