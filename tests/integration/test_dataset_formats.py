@@ -26,6 +26,7 @@ from pipelines.core.config import DatasetSpec, HttpConfig, JobConfig, RayConfig
 from pipelines.core.faults import KILL_AT, KILL_ONCE
 from pipelines.core.schema import ADDED_IMAGE_FIELDS, PROVENANCE_FIELDS
 from pipelines.engines import beam_engine, ray_engine
+from pipelines.rebuild.report import write_index_report
 from tests import format_fixtures as ff
 from tests.helpers import image_rows, kill_once, manifest, run_faceaudit
 
@@ -133,10 +134,12 @@ def _values(path: Path) -> str:
 
 def test_no_identity_label_reaches_a_run_or_its_index(local_run, fixtures, tmp_path):
     index = tmp_path / "index"
-    build_index([str(local_run)], str(index))
+    built = build_index([str(local_run)], str(index))
+    write_index_report(str(index), built.manifest)  # as `faceaudit index build` does
     files = [p for folder in (local_run, index) for p in folder.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".parquet" for p in files)
-    assert any(p.name == "manifest.json" for p in index.rglob("*"))
+    names = {p.name for p in files}
+    assert {"_manifest.json", "report.json", "report.html", "manifest.json"} <= names
+    assert sum(p.suffix == ".parquet" for p in files) > 10
     labels = {label.lower() for f in fixtures.values() for label in f.labels}
     leaks = {
         (str(p.relative_to(p.parents[2])), label)
