@@ -91,7 +91,7 @@ def msceleb_tsv(folder: Path, photos: list[bytes], broken: bool = True) -> Fixtu
         fixture.broken[row_uri(source, n)] = "not valid base64"
         fixture.broken[row_uri(source, n + 1)] = "4 of 7 columns"
         # the file ends inside a row: a crop cut to 4k+1 base64 characters (never valid), no newline
-        head, crop = msceleb_line(n + 2, photos[1]).rstrip(b"\n").rsplit(b"\t", 1)
+        head, crop = msceleb_line(n + 2, photos[-1]).rstrip(b"\n").rsplit(b"\t", 1)
         half = len(crop) // 2
         rows.append(head + b"\t" + crop[: half - half % 4 + 1])
         fixture.broken[row_uri(source, n + 2)] = "not valid base64"
