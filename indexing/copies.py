@@ -28,6 +28,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import faiss
 import numpy as np
@@ -275,19 +276,22 @@ class Found:
 
 class Copies:
     """The copies table of one opened, verified bundle (``open`` gives None for a bundle built
-    before it). Images an erasure names since the build are left out of every answer."""
+    before it). Columns stay in Arrow and numpy: a question reads the rows it finds, not the
+    table. Images an erasure names since the build are left out of every answer."""
 
     def __init__(self, table: pa.Table, erased: erasure.ErasureSet = erasure.EMPTY):
-        self.table = drop_erased(table, erased)
-        self.shas = self.table.column("image_sha256").to_pylist()
-        self.row_of = {sha: row for row, sha in enumerate(self.shas)}
-        self.groups = self.table.column("group").to_numpy()
-        self.codes, present = hash_array(self.table.column("pdq"))
-        quality = (
-            self.table.column("pdq_quality").fill_null(0).to_numpy() if self.table.num_rows else np.zeros(0)
-        )
+        self.table = table
+        self.erased = erased
+        self.shas = table.column("image_sha256").combine_chunks()
+        self.groups = table.column("group").to_numpy()
+        codes, present = hash_array(table.column("pdq"))
+        quality = table.column("pdq_quality").fill_null(0).to_numpy() if table.num_rows else np.zeros(0)
         self.hashed = np.flatnonzero(present & (quality >= pdq.MIN_QUALITY))
-        self._occurrences: list | None = None
+        self.index = binary_index()
+        self.index.add(np.ascontiguousarray(codes[self.hashed]))
+        occurrences = table.column("occurrences").combine_chunks()
+        self.flat = pc.list_flatten(occurrences)  # one entry per occurrence
+        self.owner_row = pc.list_parent_indices(occurrences).to_numpy()  # its image's row
 
     @classmethod
     def open(cls, folder: str, manifest: dict, erased: erasure.ErasureSet = erasure.EMPTY) -> Copies | None:
@@ -299,25 +303,35 @@ class Copies:
             raise QueryError(f"{entry['file']}: not a copies table faceaudit writes")
         return cls(table, erased)
 
-    @property
-    def occurrences(self) -> list:
-        if self._occurrences is None:
-            self._occurrences = self.table.column("occurrences").to_pylist()
-        return self._occurrences
+    def row_of(self, sha256: str | None) -> int | None:
+        if not sha256:
+            return None
+        row = pc.index(self.shas, sha256).as_py()
+        return None if row < 0 or self.is_erased(row) else row
+
+    def is_erased(self, row: int) -> bool:
+        names = self.erased.images | self.erased.whole_images
+        return bool(
+            self.erased and self.erased.keys and self.erased.keys.image(self.shas[row].as_py()) in names
+        )
+
+    def occurrences(self, row: int) -> list[dict]:
+        return self.table.column("occurrences")[row].as_py()
 
     def rows_of_group(self, group: int) -> list[int]:
-        return [int(r) for r in np.flatnonzero(self.groups == group)]
+        return [int(r) for r in np.flatnonzero(self.groups == group) if not self.is_erased(int(r))]
 
     def found(self, direct: dict[int, tuple[str, int | None, list[str]]]) -> list[Found]:
         """The rows found directly (row -> (via, distance, matched data sets)) and every other
         row of their groups, group by group."""
-        rows = dict(direct)
-        for row in direct:
+        rows = {r: v for r, v in direct.items() if not self.is_erased(r)}
+        for row in list(rows):
             for member in self.rows_of_group(int(self.groups[row])):
                 rows.setdefault(member, ("copy", None, []))
+        order = sorted(rows, key=lambda r: (int(self.groups[r]), rows[r][0] == "copy", self.shas[r].as_py()))
         return [
-            Found(self.shas[r], int(self.groups[r]), *rows[r][:2], self.occurrences[r], rows[r][2])
-            for r in sorted(rows, key=lambda r: (int(self.groups[r]), rows[r][0] == "copy", self.shas[r]))
+            Found(self.shas[r].as_py(), int(self.groups[r]), *rows[r][:2], self.occurrences(r), rows[r][2])
+            for r in order
         ]
 
     def by_photo(self, sha256: str | None, hashes: list[tuple[bytes | None, int | None]]) -> list[Found]:
@@ -325,67 +339,80 @@ class Copies:
         ``hashes`` (the photo's, and of its central crops: ``pdq.hash_crops``) that has a quality
         of ``MIN_QUALITY`` or more, with their groups."""
         direct: dict[int, tuple[str, int | None, list[str]]] = {}
-        best = np.full(len(self.hashed), pdq.BITS + 1)
-        for code, quality in hashes:
-            if code is not None and (quality or 0) >= pdq.MIN_QUALITY and len(self.hashed):
-                query = np.frombuffer(code, np.uint8)
-                best = np.minimum(best, np.unpackbits(self.codes[self.hashed] ^ query, axis=1).sum(axis=1))
-        for row, distance in zip(self.hashed, best, strict=True):
-            if distance <= pdq.MATCH_DISTANCE:
-                direct[int(row)] = ("pdq", int(distance), self._datasets(int(row)))
-        if sha256 in self.row_of:
-            row = self.row_of[sha256]
-            direct[row] = ("bytes", direct.get(row, ("", None))[1], self._datasets(row))
+        queries = [code for code, quality in hashes if code is not None and (quality or 0) >= pdq.MIN_QUALITY]
+        if queries and len(self.hashed):
+            codes = np.frombuffer(b"".join(queries), np.uint8).reshape(-1, pdq.BYTES)
+            _, distances, found = self.index.range_search(codes, pdq.MATCH_DISTANCE + 1)  # < radius
+            for position, distance in zip(found, distances, strict=True):
+                row = int(self.hashed[position])
+                before = direct[row][1] if row in direct else pdq.BITS  # the nearest of the crops
+                direct[row] = ("pdq", min(int(distance), before), self.datasets(row))
+        row = self.row_of(sha256)
+        if row is not None:
+            direct[row] = ("bytes", direct.get(row, ("", None))[1], self.datasets(row))
         return self.found(direct)
 
-    def _datasets(self, row: int, test=None) -> list[str]:
-        return sorted({o["dataset"] for o in self.occurrences[row] if test is None or test(o)})
+    def datasets(self, row: int, positions: np.ndarray | None = None) -> list[str]:
+        """The data sets of the row's occurrences (of those at ``positions`` in the flat list)."""
+        if positions is None:
+            positions = np.flatnonzero(self.owner_row == row)
+        names = pc.struct_field(self.flat.take(pa.array(positions, pa.int64())), "dataset")
+        return sorted(set(names.to_pylist()))
 
-    def matching(self, via: str, test) -> list[Found]:
-        """Images with an occurrence for which ``test(occurrence)`` holds, with their groups."""
-        direct = {
-            r: (via, None, self._datasets(r, test))
-            for r, occ in enumerate(self.occurrences)
-            if any(test(o) for o in occ)
-        }
-        return self.found(direct)
+    def matching(self, via: str, hits: np.ndarray) -> list[Found]:
+        """The images with an occurrence where ``hits`` (a bool per flat occurrence) holds, each
+        with the data sets of those occurrences, and their groups."""
+        positions = np.flatnonzero(hits)
+        rows = self.owner_row[positions]
+        return self.found(
+            {int(r): (via, None, self.datasets(int(r), positions[rows == r])) for r in np.unique(rows)}
+        )
+
+    def field(self, name: str) -> pa.Array:
+        return pc.struct_field(self.flat, name)
 
     def by_url(self, url: str) -> list[Found]:
+        """Occurrences whose ``source_uri``, ``origin_url`` or ``page_url`` normalises to ``url``'s
+        form. Only values holding its path and query (which normalising keeps as given) are
+        normalised one by one."""
         wanted = normal_url(url)
-        return self.matching(
-            "url",
-            lambda o: any(
-                o[k] and normal_url(o[k]) == wanted for k in ("source_uri", "origin_url", "page_url")
-            ),
-        )
+        parts = urlsplit(wanted)
+        needle = (parts.path + ("?" + parts.query if parts.query else "")) if parts.netloc else wanted
+        hits = np.zeros(len(self.flat), bool)
+        for name in ("source_uri", "origin_url", "page_url"):
+            values = self.field(name)
+            maybe = pc.fill_null(pc.match_substring(values, needle), False).to_numpy(zero_copy_only=False)
+            for position in np.flatnonzero(maybe & ~hits):
+                hits[position] = normal_url(values[int(position)].as_py()) == wanted
+        return self.matching("url", hits)
 
     def by_owner(self, owner: str) -> list[Found]:
         wanted = owner.strip()
-        return self.matching("owner", lambda o: bool(wanted) and o["owner"] == wanted)
+        hits = pc.fill_null(pc.equal(self.field("owner"), wanted), False).to_numpy(zero_copy_only=False)
+        return self.matching("owner", hits & bool(wanted))
 
     def by_flickr_photo(self, photo_id: str) -> list[Found]:
-        """The record whose id is ``photo_id``, or whose Flickr URL names it."""
+        """The records whose id is ``photo_id``, or whose Flickr URL names it."""
         wanted = photo_id.strip()
-        return self.matching(
-            "photo_id",
-            lambda o: (
-                bool(wanted)
-                and (
-                    o["record_id"] == wanted
-                    or any(flickr_photo_id(o[k]) == wanted for k in ("origin_url", "page_url", "source_uri"))
-                )
-            ),
-        )
+        if not wanted.isdigit():
+            return []
+        hits = pc.fill_null(pc.equal(self.field("record_id"), wanted), False).to_numpy(zero_copy_only=False)
+        for name in ("origin_url", "page_url", "source_uri"):
+            values = self.field(name)
+            maybe = pc.fill_null(pc.match_substring(values, wanted), False).to_numpy(zero_copy_only=False)
+            for position in np.flatnonzero(maybe & ~hits):
+                hits[position] = flickr_photo_id(values[int(position)].as_py()) == wanted
+        return self.matching("photo_id", hits)
 
     def copy_counts(self, sha256: str) -> dict[str, int] | None:
         """Per data set, how many occurrences the image's group has (its own included); None when
         the table does not know the image."""
-        row = self.row_of.get(sha256)
+        row = self.row_of(sha256)
         if row is None:
             return None
         counts: dict[str, int] = {}
         for member in self.rows_of_group(int(self.groups[row])):
-            for occ in self.occurrences[member]:
+            for occ in self.occurrences(member):
                 counts[occ["dataset"]] = counts.get(occ["dataset"], 0) + 1
         return dict(sorted(counts.items()))
 

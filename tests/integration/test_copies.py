@@ -156,7 +156,7 @@ def test_each_copy_is_found_by_photo_and_other_photos_of_the_person_are_not(buil
     # different photos of one person: each a group of its own
     groups = table(index)
     person = [sha["a"], sha["b.png"], sha["same_person.jpg"]]
-    assert len({int(groups.groups[groups.row_of[s]]) for s in person}) == 3
+    assert len({int(groups.groups[groups.row_of(s)]) for s in person}) == 3
     assert {i["image_sha256"] for i in by_query["same_person.jpg"]["images"]} == {sha["same_person.jpg"]}
 
 
