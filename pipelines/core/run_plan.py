@@ -49,7 +49,10 @@ def plan_body(job: JobConfig, listed: list[tuple[DatasetSpec, list[WorkUnit]]]) 
 
 
 def _unit_entry(unit: WorkUnit) -> dict:
-    listing = hashlib.sha256("\n".join(unit.items).encode()).hexdigest()
+    listed = "\n".join(unit.items)
+    if unit.span or unit.columns:  # a record file's unit: its rows and columns, not only the file
+        listed += f"\n#span={list(unit.span)}#columns={list(unit.columns)}"
+    listing = hashlib.sha256(listed.encode()).hexdigest()
     return {
         "key": unit.key,
         "kind": unit.kind,
