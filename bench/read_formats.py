@@ -48,9 +48,21 @@ def main() -> None:
     results = {}
     for reader in READERS:
         out = subprocess.run(
-            [sys.executable, __file__, "--rows", str(args.rows), "--side", str(args.side),
-             "--work", args.work, "--child", reader],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--rows",
+                str(args.rows),
+                "--side",
+                str(args.side),
+                "--work",
+                args.work,
+                "--child",
+                reader,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         results[reader] = json.loads(out.strip().splitlines()[-1])
         r = results[reader]

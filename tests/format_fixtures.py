@@ -65,8 +65,12 @@ def msceleb_line(i: int, photo: bytes) -> bytes:
     """One MS-Celeb row: MID, rank, image URL, page URL, face id, rectangle, crop (base64)."""
     rect = base64.b64encode(struct.pack("<4f", 0.1, 0.2, 0.6, 0.7))
     fields = [
-        mid(i % len(NAMES)).encode(), str(i % 7).encode(), f"http://img.example.org/p{i}.jpg".encode(),
-        f"http://page.example.org/a{i}.html".encode(), f"face-{i:06d}".encode(), rect,
+        mid(i % len(NAMES)).encode(),
+        str(i % 7).encode(),
+        f"http://img.example.org/p{i}.jpg".encode(),
+        f"http://page.example.org/a{i}.html".encode(),
+        f"face-{i:06d}".encode(),
+        rect,
         base64.b64encode(photo),
     ]
     return b"\t".join(fields) + b"\n"

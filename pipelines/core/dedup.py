@@ -78,7 +78,9 @@ class Occurrence:
     sha: str | None
 
     def drop_bytes(self) -> Occurrence:
-        self.raw = RawImage(self.raw.dataset, self.raw.source_uri, error=self.raw.error, provenance=self.raw.provenance)
+        self.raw = RawImage(
+            self.raw.dataset, self.raw.source_uri, error=self.raw.error, provenance=self.raw.provenance
+        )
         return self
 
 

@@ -108,8 +108,14 @@ class ImageResult:
         """What a later occurrence of the same bytes needs: everything but the faces themselves
         (kept only as a count, since their rows are written once, at the owner)."""
         slim = ImageResult(
-            self.image_sha256, self.status, self.error_stage, self.error, self.width, self.height,
-            pdq=self.pdq, pdq_quality=self.pdq_quality,
+            self.image_sha256,
+            self.status,
+            self.error_stage,
+            self.error,
+            self.width,
+            self.height,
+            pdq=self.pdq,
+            pdq_quality=self.pdq_quality,
         )
         slim.faces = [None] * self.n_faces  # type: ignore[list-item]
         return slim

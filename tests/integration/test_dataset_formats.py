@@ -60,7 +60,11 @@ def fixtures(tmp_path_factory, served) -> dict[str, ff.Fixture]:
 
 
 FORMATS = {
-    "ms": "msceleb-tsv", "hf": "auto", "hfpath": "hf-parquet", "flcsv": "auto", "fljsonl": "flickr-meta",
+    "ms": "msceleb-tsv",
+    "hf": "auto",
+    "hfpath": "hf-parquet",
+    "flcsv": "auto",
+    "fljsonl": "flickr-meta",
 }
 
 
@@ -80,8 +84,13 @@ def local_run(tmp_path_factory, fixtures) -> Path:
         entry = spec.model_dump(include={"name", "source", "format"})
         (registry / f"{spec.name}.yaml").write_text(yaml.safe_dump(entry))
     job = {
-        "datasets": list(fixtures), "registry": str(registry), "out": str(root / "out"),
-        "images_per_shard": PER_SHARD, "http": {"allow_networks": LOOPBACK}, "run_id": "r", "workers": 1,
+        "datasets": list(fixtures),
+        "registry": str(registry),
+        "out": str(root / "out"),
+        "images_per_shard": PER_SHARD,
+        "http": {"allow_networks": LOOPBACK},
+        "run_id": "r",
+        "workers": 1,
     }
     (root / "job.yaml").write_text(yaml.safe_dump(job))
     args = ["ingest", "--config", root / "job.yaml", "--no-progress"]
@@ -96,8 +105,14 @@ def local_run(tmp_path_factory, fixtures) -> Path:
 def job(out: Path, fixtures, names, per_shard: int = PER_SHARD) -> JobConfig:
     """One worker and one Ray actor: 5 distinct photos need no more, and each loads the models."""
     return JobConfig(
-        datasets=specs(fixtures, names), out=str(out), run_id="r", images_per_shard=per_shard,
-        progress=False, http=HttpConfig(allow_networks=LOOPBACK), workers=1, ray=RayConfig(actors=1),
+        datasets=specs(fixtures, names),
+        out=str(out),
+        run_id="r",
+        images_per_shard=per_shard,
+        progress=False,
+        http=HttpConfig(allow_networks=LOOPBACK),
+        workers=1,
+        ray=RayConfig(actors=1),
     )
 
 
@@ -183,6 +198,7 @@ def test_a_run_written_before_the_provenance_columns_still_builds_an_index(local
 
     result = build_index([str(old)], str(tmp_path / "index"))
     fresh = build_index([str(local_run)], str(tmp_path / "fresh"))
+
     def vectors(built) -> int:
         return sum(shard["ntotal"] for shard in built.manifest["shards"])
 

@@ -62,7 +62,9 @@ def test_a_line_over_the_limit_is_one_error_and_the_next_line_still_reads(tmp_pa
     path = tmp_path / "f"
     path.write_bytes(b"short\n" + b"y" * 5000 + b"\nafter\n")
     assert list(lines.read_lines(str(path), 0, path.stat().st_size, 0, 100)) == [
-        (0, b"short"), (1, None), (2, b"after"),
+        (0, b"short"),
+        (1, None),
+        (2, b"after"),
     ]
 
 
@@ -126,7 +128,9 @@ def test_flickr_entries_that_are_paths_resolve_against_the_metadata_folder(tmp_p
     path.write_text("\n".join(json.dumps(x) for x in lines_) + "\n")
     raws = read_all(spec(path))
     assert raws[0].data == PHOTOS[0] and raws[0].provenance == {
-        "record_id": "7", "origin_url": "p.jpg", "owner": "1@N01",
+        "record_id": "7",
+        "origin_url": "p.jpg",
+        "owner": "1@N01",
     }
     assert raws[1].error == OUTSIDE
 
@@ -152,8 +156,12 @@ def test_auto_tells_the_formats_from_their_endings_and_first_bytes(tmp_path, mon
     unnamed = tmp_path / "data.bin"
     unnamed.write_bytes(hf.read_bytes())
     kinds = {
-        ms: "msceleb-tsv", hf: "hf-parquet", flickr: "flickr-meta", uri_list: "urilist",
-        uri_parquet: "urilist", unnamed: "hf-parquet",
+        ms: "msceleb-tsv",
+        hf: "hf-parquet",
+        flickr: "flickr-meta",
+        uri_list: "urilist",
+        uri_parquet: "urilist",
+        unnamed: "hf-parquet",
     }
     for source, kind in kinds.items():
         assert plan_units(spec(source), 5)[0].kind == kind, source
@@ -251,8 +259,10 @@ def test_record_files_in_gcs_read_as_on_disk(tmp_path, gcs_emulator):
         storage.write_atomic(storage.join(bucket, str(path.relative_to(tmp_path))), path.read_bytes())
     for local, name in ((ms.source, "faces.tsv"), (hf.source, "hf/train.parquet")):
         remote = storage.join(bucket, name)
-        want = [(r.source_uri.replace(str(tmp_path), bucket), r.data, r.error, r.provenance)
-                for r in read_all(spec(local))]
+        want = [
+            (r.source_uri.replace(str(tmp_path), bucket), r.data, r.error, r.provenance)
+            for r in read_all(spec(local))
+        ]
         got = [(r.source_uri, r.data, r.error, r.provenance) for r in read_all(spec(remote))]
         assert got == want and len(got) == 8
 

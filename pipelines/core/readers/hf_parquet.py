@@ -100,9 +100,7 @@ def records(uri: str, span: tuple[int, ...], columns: tuple[str, ...], max_bytes
 def _column_bytes(group: pq.RowGroupMetaData, column: str) -> int:
     """The uncompressed bytes of ``column``'s leaves (``image.bytes``, ``image.path``) in a group."""
     leaves = (group.column(i) for i in range(group.num_columns))
-    return sum(
-        c.total_uncompressed_size for c in leaves if c.path_in_schema.split(".", 1)[0] == column
-    )
+    return sum(c.total_uncompressed_size for c in leaves if c.path_in_schema.split(".", 1)[0] == column)
 
 
 def _record(where: str, image: object, record_id: object, base: str, max_bytes: int) -> Record:

@@ -55,9 +55,7 @@ def _record(where: str, line: bytes, max_bytes: int) -> Record:
     fields = line.split(b"\t")
     if len(fields) != COLUMNS:
         return Record(where, error=f"truncated or malformed row: {len(fields)} of {COLUMNS} columns")
-    kept = provenance(
-        record_id=fields[FACE_ID], origin_url=fields[IMAGE_URL], page_url=fields[PAGE_URL]
-    )
+    kept = provenance(record_id=fields[FACE_ID], origin_url=fields[IMAGE_URL], page_url=fields[PAGE_URL])
     try:
         data = base64.b64decode(fields[FACE_DATA], validate=True)
     except (binascii.Error, ValueError):
