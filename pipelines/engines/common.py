@@ -22,8 +22,9 @@ def describe_model(config: ModelConfig) -> ModelInfo:
 
 
 def default_batch_size(config: ModelConfig, configured: int) -> int:
-    """dlib analyses one image at a time; batched backends get 16 per call."""
-    return configured or (1 if config.backend == "dlib" else 16)
+    """dlib running its own networks analyses one image at a time; batched backends (dlib's
+    networks on ONNX Runtime embed the faces of a whole batch together) get 16 per call."""
+    return configured or (1 if config.backend == "dlib" and config.runtime == "dlib" else 16)
 
 
 def manifest_header(
