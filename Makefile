@@ -14,7 +14,7 @@ FUZZ_LONG_SECONDS ?= 300
 # ONNX Runtime providers the insightface parity tests run our pipeline on in make test-gpu.
 GPU_TEST_PROVIDERS ?= cuda
 
-.PHONY: install install-gpu demo test fuzz test-gpu lint bench-ingest bench-index bench-engines clean
+.PHONY: install install-gpu demo test fuzz test-gpu lint bench-ingest bench-index bench-engines bench-dlib clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,9 @@ bench-index: install
 
 bench-engines: install
 	$(BIN)/python bench/engines.py
+
+bench-dlib: install
+	$(BIN)/python bench/dlib_nets.py
 
 clean:
 	rm -rf demo .bench runs-out
