@@ -28,6 +28,8 @@ QUERY_CROPS = (0.05, 0.1, 0.15)  # shares of the area ``hash_crops`` cuts from a
 _SAMPLES = 64
 _BLOCK_ROWS = 512
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# each channel's 256 possible contributions to the luminance, so a pixel costs three look-ups
+_LUMA_TABLES = np.arange(256, dtype=np.float32)[None, :] * _LUMA[:, None]
 
 
 def _dct_matrix() -> np.ndarray:
@@ -74,11 +76,22 @@ def hash_pixels(pixels: np.ndarray) -> tuple[bytes, int]:
     down, across = sparse_operator(rows), sparse_operator(cols)
     partial = np.zeros((rows, _SAMPLES), dtype=np.float32)
     for top in range(0, rows, _BLOCK_ROWS):  # in blocks: a big image never gets a float copy whole
-        luma = pixels[top : top + _BLOCK_ROWS, :, :3].astype(np.float32) @ _LUMA
+        block = pixels[top : top + _BLOCK_ROWS]
+        luma = (
+            _LUMA_TABLES[0][block[:, :, 0]]
+            + _LUMA_TABLES[1][block[:, :, 1]]
+            + _LUMA_TABLES[2][block[:, :, 2]]
+        )
         partial[top : top + _BLOCK_ROWS] = across.apply(luma, axis=1)
     samples = down.apply(partial, axis=0)
-    coefficients = _DCT @ samples @ _DCT.T
+    coefficients = product(product(_DCT, samples), _DCT.T)
     return pack_bits(coefficients > np.median(coefficients)), quality(samples)
+
+
+def product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A small matrix product without BLAS: OpenBLAS allocates its buffers on first use and dies
+    (it does not raise) in a decode worker held to ingest's memory limit."""
+    return (a[:, :, None] * b[None, :, :]).sum(axis=1, dtype=np.float32)
 
 
 @functools.lru_cache(maxsize=64)  # a data set's images often share a few sizes
@@ -89,7 +102,8 @@ def sparse_operator(size: int) -> Sparse:
 class Sparse:
     """A sampling operator by its non-zero weights: each sample reads about 2 x size / 128 values,
     so applying it costs one multiply-add per value, in numpy's element-wise loops rather than a
-    large BLAS product (whose threads stall when an ingest's workers keep every core busy)."""
+    BLAS product (whose threads stall when an ingest's workers keep every core busy, and which
+    cannot allocate its buffers in a memory-limited decode worker: see ``product``)."""
 
     def __init__(self, dense: np.ndarray):
         picked = [np.flatnonzero(row) for row in dense]
