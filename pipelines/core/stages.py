@@ -14,8 +14,8 @@ from .config import DecodeConfig
 from .decode import decode_image
 from .errors import RecordError
 from .models.base import FaceModel
-from .schema import PROVENANCE_FIELDS
 from .records import DecodedImage, ImageResult, RawImage, face_id
+from .schema import PROVENANCE_FIELDS
 
 
 def analyze_bytes(data: bytes, model: FaceModel, decode: DecodeConfig) -> ImageResult:
@@ -126,8 +126,14 @@ def result_fields(result: ImageResult) -> dict:
 def result_from_image_row(row: dict) -> ImageResult:
     """The result (faces as a count only) that a committed ``images`` row records."""
     result = ImageResult(
-        row["image_sha256"], row["status"], row["error_stage"], row["error"], row["width"], row["height"],
-        pdq=row.get("pdq"), pdq_quality=row.get("pdq_quality"),  # absent from runs before the columns
+        row["image_sha256"],
+        row["status"],
+        row["error_stage"],
+        row["error"],
+        row["width"],
+        row["height"],
+        pdq=row.get("pdq"),
+        pdq_quality=row.get("pdq_quality"),  # absent from runs before the columns
     )
     result.faces = [None] * row["n_faces"]  # type: ignore[list-item]  # only the count is known
     return result
