@@ -338,18 +338,20 @@ class Copies:
         """The photo's own bytes and every image within ``MATCH_DISTANCE`` bits of one of its
         ``hashes`` (the photo's, and of its central crops: ``pdq.hash_crops``) that has a quality
         of ``MIN_QUALITY`` or more, with their groups."""
-        direct: dict[int, tuple[str, int | None, list[str]]] = {}
+        nearest: dict[int, int] = {}  # row -> bits from the nearest of the asked hashes
         queries = [code for code, quality in hashes if code is not None and (quality or 0) >= pdq.MIN_QUALITY]
         if queries and len(self.hashed):
             codes = np.frombuffer(b"".join(queries), np.uint8).reshape(-1, pdq.BYTES)
             _, distances, found = self.index.range_search(codes, pdq.MATCH_DISTANCE + 1)  # < radius
             for position, distance in zip(found, distances, strict=True):
                 row = int(self.hashed[position])
-                before = direct[row][1] if row in direct else pdq.BITS  # the nearest of the crops
-                direct[row] = ("pdq", min(int(distance), before), self.datasets(row))
-        row = self.row_of(sha256)
-        if row is not None:
-            direct[row] = ("bytes", direct.get(row, ("", None))[1], self.datasets(row))
+                nearest[row] = min(int(distance), nearest.get(row, pdq.BITS))
+        direct: dict[int, tuple[str, int | None, list[str]]] = {
+            row: ("pdq", bits, self.datasets(row)) for row, bits in nearest.items()
+        }
+        own = self.row_of(sha256)
+        if own is not None:
+            direct[own] = ("bytes", nearest.get(own), self.datasets(own))
         return self.found(direct)
 
     def datasets(self, row: int, positions: np.ndarray | None = None) -> list[str]:
