@@ -23,6 +23,7 @@ from pipelines.cli import app
 from pipelines.core import storage
 from pipelines.rebuild.config import RebuildConfig
 from pipelines.rebuild.driver import rebuild
+from tests.format_fixtures import msceleb_tsv
 from tests.helpers import REPO, read_table, rebuild_config, write_small_copies
 
 CATALOG = REPO / "configs" / "datasets" / "catalog"
@@ -89,7 +90,11 @@ def test_a_rebuild_skips_what_it_must_not_fetch_and_says_why(audited, caplog):
 def test_an_operator_copy_of_a_withdrawn_data_set_is_ingested(audited, pool, caplog):
     caplog.set_level(logging.WARNING, logger="pipelines.rebuild.driver")
     ours = yaml.safe_load((CATALOG / "ms-celeb-1m.yaml").read_text())
-    ours["source"] = str(photos(audited / "copies" / "ms-celeb-1m", pool[2:5]))  # a copy we hold
+    # a copy we hold, in the published layout: the TSV of face crops and its MID -> name file
+    held = audited / "copies" / "ms-celeb-1m"
+    held.mkdir(parents=True)
+    msceleb_tsv(held, [f.read_bytes() for f in pool[2:5]], broken=False)
+    ours["source"] = str(held)
     entry(audited / "ops", **ours)  # same name, status withdrawn, a source of its own
     state = rebuild(config(audited))
     assert state.status == "published" and state.analyzed == 3
