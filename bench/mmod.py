@@ -8,8 +8,9 @@ Printed: seconds per image for dlib.cnn_face_detection_model_v1 and for MmodDete
 a time (one pass, the two interleaved image by image, after one warm-up image), their ratio, the
 share of the ONNX side spent tiling the pyramid in numpy, and the batched throughput (best of
 --repeat passes) of same-size images (the photos cropped to the smallest one's size) against one
-at a time. Every image's boxes are checked against dlib's in the same run. --providers cuda measures the ONNX side on a GPU
-(dlib stays on the CPU); a provider the session did not get is an error, not a silent CPU run.
+at a time. Every image's boxes are checked against dlib's in the same run. --providers cuda
+measures the ONNX side on a GPU (dlib stays on the CPU); a provider the session did not get is an
+error, not a silent CPU run.
 """
 
 from __future__ import annotations
