@@ -125,7 +125,7 @@ def image_rows(runs: list[Run], erased: erasure.ErasureSet) -> pa.Table:
         versions = {d["name"]: str(d.get("version", "")) for d in run.manifest.get("datasets", [])}
         for shard in run.images:
             verify_shard(shard)
-            for batch in _batches(shard):
+            for batch in iter_batches(shard, READ_COLUMNS):
                 table = pa.Table.from_batches([batch])
                 table = table.filter(pc.is_valid(table.column("image_sha256")))
                 names = table.column("dataset").to_pylist()
@@ -140,21 +140,6 @@ def image_rows(runs: list[Run], erased: erasure.ErasureSet) -> pa.Table:
     )
     table = pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
     return drop_erased(table, erased)
-
-
-def _batches(shard):
-    """The shard's batches with every column ``READ_COLUMNS`` names, nulls where a column is absent."""
-    fs, path = storage.url_to_fs(shard.uri)
-    with fs.open(path, "rb") as f:
-        names = set(pq.ParquetFile(f).schema_arrow.names)
-    have = [c for c in READ_COLUMNS if c in names]
-    types = {"pdq": pa.binary(pdq.BYTES), "pdq_quality": pa.int16()}
-    for batch in iter_batches(shard, have):
-        columns = [
-            batch.column(have.index(c)) if c in have else pa.nulls(batch.num_rows, types.get(c, pa.string()))
-            for c in READ_COLUMNS
-        ]
-        yield pa.RecordBatch.from_arrays(columns, names=READ_COLUMNS)
 
 
 def drop_erased(table: pa.Table, erased: erasure.ErasureSet) -> pa.Table:

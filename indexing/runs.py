@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from pipelines.core import storage
 from pipelines.core.errors import ConfigError, FatalError
 from pipelines.core.names import check_name
+from pipelines.core.schema import ADDED_IMAGE_FIELDS, IMAGES_SCHEMA
 from pipelines.core.writer import RUN_FORMAT, is_committed
 from pipelines.core.writer import RUN_MANIFEST as MANIFEST
 
@@ -106,9 +107,26 @@ def verify_shard(shard: Shard) -> None:
 
 
 def iter_batches(shard: Shard, columns: list[str], batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """The shard's ``columns`` in batches. An ``images`` column added after the first runs were
+    written (``ADDED_IMAGE_FIELDS``) reads as nulls from an older shard that lacks it; any other
+    missing column is an error."""
     fs, path = storage.url_to_fs(shard.uri)
     with fs.open(path, "rb") as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
+        parquet = pq.ParquetFile(f)
+        present = set(parquet.schema_arrow.names)
+        absent = [c for c in columns if c not in present and c in ADDED_IMAGE_FIELDS]
+        if not absent:
+            yield from parquet.iter_batches(batch_size=batch_rows, columns=columns)
+            return
+        read = [c for c in columns if c not in absent]
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=read):
+            yield pa.RecordBatch.from_arrays(
+                [
+                    pa.nulls(batch.num_rows, IMAGES_SCHEMA.field(c).type) if c in absent else batch.column(c)
+                    for c in columns
+                ],
+                names=columns,
+            )
 
 
 def embeddings(batch: pa.RecordBatch, dim: int) -> np.ndarray:

@@ -311,7 +311,17 @@ def known_images(state: Rebuild) -> tuple[dict[str, ImageResult], list[str]]:
     live = live_pairs(current_sources(state.current))
     runs = current_runs(state)
     known: dict[str, ImageResult] = {}
-    columns = ["image_sha256", "status", "error_stage", "error", "width", "height", "n_faces"]
+    columns = [
+        "image_sha256",
+        "status",
+        "error_stage",
+        "error",
+        "width",
+        "height",
+        "n_faces",
+        "pdq",
+        "pdq_quality",
+    ]
     for run in runs:
         for batch in runsmod.image_batches([restrict(run, live.get(run.run_id, set()))], columns):
             for row in batch.to_pylist():

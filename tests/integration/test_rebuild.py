@@ -110,6 +110,10 @@ def test_incremental_rebuild_processes_only_the_delta(tmp_path, pool):
     assert second.analyzed == 2 + 1  # d's two new photos and c's new one; nothing else decoded
     assert second.delta.summary()["ingest"] == ["c", "d"] and second.delta.removed == ["b"]
     assert second.version.decision.mode == "extend"
+    # the copy of a's photo was not decoded again, yet its row keeps the photo's PDQ hash
+    images = read_table(second.run_uri, "images").to_pylist()
+    assert any(row["dataset"] == "d" and row["source_uri"].endswith(pool[0].name) for row in images)
+    assert all(row["pdq"] is not None for row in images if row["status"] != "error")
     manifest = second.version.manifest
     assert {d["name"] for d in manifest["datasets"]} == {"a", "c", "d"}
     assert all(d["fingerprint"].startswith(d["version"] + ":") for d in manifest["datasets"])
