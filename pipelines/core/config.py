@@ -231,7 +231,9 @@ class RayConfig(Strict):
     read_cpus: float = Field(
         0.0, ge=0, description="CPUs reserved by each read and commit task (0: they mostly wait on I/O)"
     )
-    batch_size: int = Field(0, ge=0, description="images per model call (0: 1 for dlib, 16 otherwise)")
+    batch_size: int = Field(
+        0, ge=0, description="images per model call (0: 1 for dlib on its own runtime, 16 otherwise)"
+    )
 
 
 class BeamConfig(Strict):
@@ -241,7 +243,9 @@ class BeamConfig(Strict):
         default_factory=list,
         description="Beam pipeline options, e.g. ['--runner=DataflowRunner', '--project=p', '--region=r']",
     )
-    max_batch_size: int = Field(0, ge=0, description="images per model call (0: 1 for dlib, 16 otherwise)")
+    max_batch_size: int = Field(
+        0, ge=0, description="images per model call (0: 1 for dlib on its own runtime, 16 otherwise)"
+    )
 
 
 class JobConfig(Strict):

@@ -72,7 +72,8 @@ def limits_for(decode: DecodeConfig, model: ModelConfig) -> Limits:
     """The workers' limits from the job's config. No address-space limit on a GPU: the CUDA driver
     reserves tens of GB of virtual addresses at start, and would fail under any useful limit."""
     memory = decode.memory_limit_mb
-    if memory and model.backend == "insightface" and set(model.providers) & set(GPU_PROVIDERS):
+    on_ort = model.backend == "insightface" or model.runtime == "onnx"  # providers apply to ORT only
+    if memory and on_ort and set(model.providers) & set(GPU_PROVIDERS):
         log.info("no address-space limit on GPU workers (CUDA reserves more than decode.memory_limit_mb)")
         memory = 0
     return Limits(memory, decode.timeout_s)

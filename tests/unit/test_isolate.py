@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pipelines.core import isolate
-from pipelines.core.config import DecodeConfig
+from pipelines.core.config import DecodeConfig, ModelConfig
 from pipelines.core.errors import STAGES, FatalError
 from pipelines.core.isolate import IsolatedPool, Limits, WorkerDied, resolve_batch
 from pipelines.core.stages import decode_one
@@ -104,3 +104,18 @@ def _wait_for_decode(pool: IsolatedPool) -> None:
     while pool._workers[0].mark.value != STAGES.index("decode"):  # noqa: SLF001 - test-only peek
         assert time.monotonic() < deadline, "the worker never started decoding"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("model", "limited"),
+    [
+        (ModelConfig(), True),
+        (ModelConfig(providers=["cuda", "cpu"]), False),  # dlib's networks on ORT's CUDA provider
+        (ModelConfig(runtime="dlib", providers=["cuda"]), True),  # dlib itself never touches CUDA
+        (ModelConfig(backend="insightface", providers=["tensorrt", "cuda"]), False),
+        (ModelConfig(backend="insightface"), True),
+    ],
+)
+def test_gpu_workers_get_no_address_space_limit(model, limited):
+    limits = isolate.limits_for(DecodeConfig(memory_limit_mb=3000), model)
+    assert limits.memory_limit_mb == (3000 if limited else 0)
