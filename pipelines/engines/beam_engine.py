@@ -130,8 +130,14 @@ def write_known(run: str, known: dict[str, ImageResult] | None) -> str | None:
     """Known images reach the workers through a file too (millions of them, in a big rebuild)."""
     if known is None:
         return None
-    rows = ({"order": order, **result_fields(r)} for order, _, r in known_owners(known))
+    rows = ({"order": order, **_json_fields(r)} for order, _, r in known_owners(known))
     return _write_json_lines(storage.join(run, KNOWN_FILE), rows)
+
+
+def _json_fields(result: ImageResult) -> dict:
+    fields = result_fields(result)
+    fields["pdq"] = fields["pdq"].hex() if fields["pdq"] is not None else None  # JSON has no bytes
+    return fields
 
 
 def _write_json_lines(uri: str, rows: Iterable[dict]) -> str:
@@ -142,6 +148,7 @@ def _write_json_lines(uri: str, rows: Iterable[dict]) -> str:
 def _known_owner(line: str) -> tuple[str, Committed]:
     fields = json.loads(line)
     order = fields.pop("order")
+    fields["pdq"] = bytes.fromhex(fields["pdq"]) if fields.get("pdq") is not None else None
     return fields["image_sha256"], Committed(order, result_from_image_row(fields))
 
 

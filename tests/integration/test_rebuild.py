@@ -166,6 +166,7 @@ def test_rebuild_on_ray_and_beam_embeds_only_new_images(tmp_path, pool, engine):
     assert run["engine"] == engine and run["faces_from_runs"] == [Path(first.run_uri).name]
     rows = {Path(r["source_uri"]).name: r for r in read_table(second.run_uri, "images").to_pylist()}
     assert rows[pool[0].name]["n_faces"] > 0  # its result, from the first run
+    assert rows[pool[0].name]["pdq"] is not None  # with its PDQ hash
     new_faces = read_table(second.run_uri, "faces").to_pylist()
     assert {Path(f["source_uri"]).name for f in new_faces} == {pool[3].name}
     assert face_ids(root / "index") == before | {f["face_id"] for f in new_faces}
