@@ -105,7 +105,27 @@ def _index_and_search(run: str, work: Path, variants: Path) -> str:
     queries = [variants / "photo-6-mirror.jpg", variants / "photo-1-crop.jpg"]  # a group photo; a portrait
     print(f"\nsearch: {', '.join(q.name for q in queries)}")
     print_report(search_report(open_index(index_root), queries, k=10, threshold=None, nprobe=None))
+    _look_up_copies(index_root, work, variants / "photo-1-q60.jpg")
     return index_html
+
+
+def _look_up_copies(index_root: str, work: Path, source: Path) -> None:
+    """``faceaudit lookup --photo`` with a copy of a photo that no data set holds (half size,
+    re-encoded): the index finds the photo's copies by their PDQ hash, not by their bytes."""
+    from indexing import open_index
+
+    from .commands.lookup import answer, print_rows
+
+    query = work / "query" / "photo-1-half.jpg"
+    query.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.open(source)
+    _save(image.resize((image.width // 2, image.height // 2)), query, quality=75)
+    print(f"\nlookup --photo {query.name} (a re-encoded copy at half size, in no data set)")
+    index = open_index(index_root)
+    try:
+        print_rows(answer(index, [], [(query.name, query.read_bytes())]))
+    finally:
+        index.close()
 
 
 if __name__ == "__main__":

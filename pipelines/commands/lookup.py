@@ -173,5 +173,6 @@ def print_rows(rows: list[dict]) -> None:
             )
             for o in image["occurrences"]:
                 extra = "  ".join(f"{k}={o[k]}" for k in PROVENANCE if o.get(k))
-                line = f"  [{how}] {o['dataset']} {o['version']}: {o['source_uri']}  {extra}".rstrip()
+                where = " ".join(part for part in (o["dataset"], o["version"]) if part)
+                line = f"  [{how}] {where}: {o['source_uri']}  {extra}".rstrip()
                 out.print(line, soft_wrap=True, markup=False)
