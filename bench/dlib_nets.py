@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import photos  # noqa: E402  (bench/photos.py, beside this script)
+from photos import best_of  # noqa: E402
 
 from pipelines.core.config import DecodeConfig, ModelConfig  # noqa: E402
 from pipelines.core.decode import decode_image  # noqa: E402
@@ -49,16 +49,6 @@ def face_chips(limit: int) -> np.ndarray:
         if boxes:
             chips.append(model._chips(image, model._shapes(image, boxes)))  # noqa: SLF001
     return np.concatenate(chips)[:limit]
-
-
-def best_of(rounds: int, work) -> float:
-    """The fastest of ``rounds`` timings (the machine is shared; the minimum is the least disturbed)."""
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def descriptor(args, cache: Path) -> None:

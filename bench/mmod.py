@@ -25,6 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.photos import best_of, faces_dir  # noqa: E402
 from pipelines.core.decode import decode_image, downscale  # noqa: E402
 from pipelines.core.models.dlib_backend import weight_file  # noqa: E402
 from pipelines.core.models.dlib_dat import read_network  # noqa: E402
@@ -34,7 +35,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def load_photos(side: int, count: int = 12) -> list[np.ndarray]:
-    photos = sorted((REPO / "tests" / "data" / "faces").glob("*.jpg"))
+    photos = sorted(faces_dir().glob("*.jpg"))
     chosen = photos[:: len(photos) // count][:count]
     return [
         np.ascontiguousarray(downscale(decode_image(p.read_bytes(), 100_000_000), side)[0]) for p in chosen
@@ -52,15 +53,6 @@ def session(threads: int, providers: list[str]):
     if [p for p in wanted if p not in sess.get_providers()]:
         raise SystemExit(f"asked for {wanted}, the session got {sess.get_providers()}")
     return sess
-
-
-def best_time(run, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -106,10 +98,10 @@ def main() -> None:
 
     rows, cols = min(im.shape[0] for im in images), min(im.shape[1] for im in images)
     crops = [np.ascontiguousarray(im[:rows, :cols]) for im in images]
-    t_one = best_time(lambda: [detector.detect([im]) for im in crops], args.repeat)
+    t_one = best_of(args.repeat, lambda: [detector.detect([im]) for im in crops])
     for batch in (4, 12):
         batched = MmodDetector(sess, max_batch=batch)
-        t_batch = best_time(lambda b=batched: b.detect(crops), args.repeat)
+        t_batch = best_of(args.repeat, lambda b=batched: b.detect(crops))
         print(
             f"  {cols}x{rows} crops in batches of {batch:<2}        {t_batch / n:.3f} s/image   "
             f"{t_one / t_batch:.2f}x one at a time ({t_one / n:.3f} s/image)"

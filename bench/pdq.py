@@ -26,22 +26,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.photos import faces_dir  # noqa: E402
+from bench.photos import best_of, faces_dir  # noqa: E402
 from indexing import copies  # noqa: E402
 from pipelines.core import pdq  # noqa: E402
 from pipelines.core.decode import decode_image  # noqa: E402
 
 MAX_PIXELS = 50_000_000
-
-
-def best_of(repeats: int, work) -> float:
-    """The fastest of ``repeats`` runs, in seconds (the least disturbed by other processes)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def photo_costs(folder: Path, repeats: int) -> None:
