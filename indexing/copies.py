@@ -366,11 +366,8 @@ class Copies:
         parts = urlsplit(wanted)
         needle = (parts.path + ("?" + parts.query if parts.query else "")) if parts.netloc else wanted
         hits = np.zeros(len(self.flat), bool)
-        for name in ("source_uri", "origin_url", "page_url"):
-            values = self.field(name)
-            maybe = pc.fill_null(pc.match_substring(values, needle), False).to_numpy(zero_copy_only=False)
-            for position in np.flatnonzero(maybe & ~hits):
-                hits[position] = normal_url(values[int(position)].as_py()) == wanted
+        names = ("source_uri", "origin_url", "page_url")
+        self._confirm(hits, names, needle, lambda v: normal_url(v) == wanted)
         return self.matching("url", hits)
 
     def by_owner(self, owner: str) -> list[Found]:
@@ -384,12 +381,18 @@ class Copies:
         if not wanted.isdigit():
             return []
         hits = pc.fill_null(pc.equal(self.field("record_id"), wanted), False).to_numpy(zero_copy_only=False)
-        for name in ("origin_url", "page_url", "source_uri"):
-            values = self.field(name)
-            maybe = pc.fill_null(pc.match_substring(values, wanted), False).to_numpy(zero_copy_only=False)
-            for position in np.flatnonzero(maybe & ~hits):
-                hits[position] = flickr_photo_id(values[int(position)].as_py()) == wanted
+        names = ("origin_url", "page_url", "source_uri")
+        self._confirm(hits, names, wanted, lambda v: flickr_photo_id(v) == wanted)
         return self.matching("photo_id", hits)
+
+    def _confirm(self, hits: np.ndarray, names: tuple[str, ...], needle: str, check) -> None:
+        """Mark in ``hits`` the rows where one of the ``names`` columns holds ``needle`` (a cheap
+        substring scan in Arrow) and ``check`` confirms it (parsed, on those few rows only)."""
+        for name in names:
+            values = self.field(name)
+            maybe = pc.fill_null(pc.match_substring(values, needle), False).to_numpy(zero_copy_only=False)
+            for position in np.flatnonzero(maybe & ~hits):
+                hits[position] = check(values[int(position)].as_py())
 
     def copy_counts(self, sha256: str) -> dict[str, int] | None:
         """Per data set, how many occurrences the image's group has (its own included); None when
