@@ -2,11 +2,14 @@
 networks on ONNX Runtime (the default dlib backend: descriptor and MMOD detector), per runtime and batch.
 
 NOT YET RUN ON A GPU. It was written and dry-run (--dry-run, CPU only) in sessions without one;
-no figure in the docs comes from it yet.
+no figure in the docs comes from it yet. The device call is ``bash bench/gpu_call.sh`` (it says what
+to carry; docs/dlib-onnx.md, "On a lent GPU"); ``PYTHON=<a venv with torch> bash bench/gpu_call.sh
+--dry-run`` runs the same path here.
 
     python bench/gpu.py [--pack DIR] [--photos DIR] [--max-side 0] [--seconds 4] [--budget 420]
                         [--det-batches 16,32,64] [--embed-batches 64,128,256] [--out .bench/gpu.json]
-                        [--wheels DIR] [--dry-run]
+                        [--wheels DIR] [--dlib-dat DIR] [--dlib-batches 1,32,128,512]
+                        [--dlib-det-batches 1,8,16] [--no-dlib] [--no-insightface] [--dry-run]
 
 Made to run in one call on a lent GPU machine (no internet, at most 64 MiB carried, PyTorch with
 CUDA, onnx, and an onnxruntime that may be CPU-only) in under 8 minutes (--budget, seconds, stops
@@ -33,7 +36,13 @@ Runtime's TensorRT and CUDA providers when this onnxruntime has them (float32: T
 as the backend runs them), else the same graphs run op by op in PyTorch on CUDA in float32 with
 TF32 off (bench/gpu_nets.TorchGraph); each row gives the largest difference to the CPU reference
 (ONNX Runtime on the CPU, else PyTorch on the CPU), which must stay under 1e-5 for the
-descriptors to share an index with dlib's. What cannot run is said in a note, and skipped.
+descriptors to share an index with dlib's. The descriptor's parity is checked on the faces the
+reference's MMOD finds in the photos (cropped and resized to chips; dlib's aligned chips need dlib,
+which the lent machine lacks) and 8 random chips, the timing on random chips; MMOD's rows come with
+a bare row (the network alone on tiles made beforehand). --dry-run runs all of it on the CPU, the
+PyTorch path included (torch-cpu-fp32 rows, where torch is installed), so that graph building,
+TorchGraph, the parity check and the report are exercised without a GPU. What cannot run (no
+onnxruntime-gpu, no faiss, a missing module) is said in a note, and skipped; the report is written.
 
 --wheels DIR first installs missing pure-Python dependencies (pydantic, pyyaml, fsspec,
 opencv-python-headless, onnx2torch, ...) from wheels carried in DIR, with pip --no-index.
@@ -65,7 +74,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # bench/gpu_nets.py, beside this script
-from gpu_nets import TorchRunner, count_gmacs, export_onnx, torch_networks  # noqa: E402
+from gpu_nets import TorchRunner, count_gmacs, export_onnx, face_crops, torch_networks  # noqa: E402
 
 PHOTOS = REPO / "tests" / "data" / "faces"  # the project's own test photos; --photos overrides
 NEEDED = ("numpy", "cv2", "PIL", "pydantic", "yaml", "fsspec", "onnx", "onnxruntime")
@@ -445,7 +454,7 @@ def dlib_rows(args, clock: Clock, report: dict, work: Path) -> list[Row]:
         ref_detector = dlib_mmod.MmodDetector(reference[1]["mmod"], max_batch=1)
         boxes = [ref_detector.detect([im])[0] for im in images]
         # the descriptor's parity on real faces: the reference's MMOD boxes, cropped as chips
-        faces = _face_crops(images, boxes)
+        faces = face_crops(images, boxes)
         probe = np.concatenate([faces, chips[:8]]) if len(faces) else probe
         expected = reference[1]["resnet"].run(None, {"chips": probe})[0]
         report["notes"].append(
@@ -461,20 +470,6 @@ def dlib_rows(args, clock: Clock, report: dict, work: Path) -> list[Row]:
         except Exception as exc:  # noqa: BLE001 - one runtime failing must not lose the others' figures
             report["notes"].append(f"dlib on {name} failed: {type(exc).__name__}: {str(exc)[:300]}")
     return rows
-
-
-def _face_crops(images: list[np.ndarray], boxes: list, side: int = 150) -> np.ndarray:
-    """Each detected face with a quarter of its size around it, resized to a chip: not dlib's
-    aligned chips (that needs dlib's landmarks), but real faces, for the parity check."""
-    from PIL import Image
-
-    crops = []
-    for image, found in zip(images, boxes, strict=True):
-        for left, top, right, bottom, _ in found:
-            pad = (right - left) // 4
-            box = (left - pad, top - pad, right + pad, bottom + pad)
-            crops.append(np.asarray(Image.fromarray(image).crop(box).resize((side, side))))
-    return np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)
 
 
 DESCRIPTOR_TOLERANCE = 1e-5  # what sharing an index with dlib's descriptors needs
@@ -698,6 +693,16 @@ def main(argv=None) -> None:
     report["gpu_run"] = bool(env.get("cuda"))
     if not report["gpu_run"]:
         report["notes"].append("no CUDA device: CPU figures only, not the GPU benchmark")
+    if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(env["ort_providers"]):
+        report["notes"].append(
+            "onnxruntime has no CUDA or TensorRT provider (onnxruntime-gpu is not installed): no "
+            "ort-cuda or ort-tensorrt rows"
+            + ("; the same networks ran in PyTorch instead" if env.get("cuda") else "")
+        )
+    env["faiss"] = importlib.util.find_spec("faiss") is not None
+    report["notes"].append(
+        f"FAISS: not measured by this bench (faiss {'installed' if env['faiss'] else 'not installed'})"
+    )
     images, encoded, source = load_photos(args.photos, 8 if args.dry_run else 64, args.max_side)
     report["notes"].append(f"inputs: {source}")
     rows: list[Row] = []

@@ -1,6 +1,8 @@
 """The networks bench/gpu.py measures, and their helpers: SCRFD-10G- and IResNet-50-shaped PyTorch
 networks with random weights, their multiply-add count, ONNX export, and TorchRunner, which runs a
-torch module behind our detector's and embedder's ``run(uint8 NHWC batch)`` interface.
+torch module behind our detector's and embedder's ``run(uint8 NHWC batch)`` interface; for dlib's
+networks, TorchGraph, which runs their ONNX graphs op by op in PyTorch, and face_crops, the chips
+their parity is checked on.
 
 torch is imported inside the functions, so that this module imports without it.
 """
@@ -223,6 +225,20 @@ class TorchRunner:
     def sync(self) -> None:
         if self.device.startswith("cuda"):
             self.torch.cuda.synchronize()
+
+
+def face_crops(images: list[np.ndarray], boxes: list, side: int = 150) -> np.ndarray:
+    """Each detected face with a quarter of its size around it, resized to a chip: not dlib's
+    aligned chips (that needs dlib's landmarks), but real faces, for the parity check."""
+    from PIL import Image
+
+    crops = []
+    for image, found in zip(images, boxes, strict=True):
+        for left, top, right, bottom, _ in found:
+            pad = (right - left) // 4
+            box = (left - pad, top - pad, right + pad, bottom + pad)
+            crops.append(np.asarray(Image.fromarray(image).crop(box).resize((side, side))))
+    return np.stack(crops) if crops else np.zeros((0, side, side, 3), np.uint8)
 
 
 class TorchGraph:
