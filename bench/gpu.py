@@ -34,9 +34,10 @@ from the .dat files, then the descriptor (random chips, faces/s per batch in --d
 MMOD (test photos on 512x512 canvases, images/s per batch in --dlib-det-batches) run on ONNX
 Runtime's TensorRT and CUDA providers when this onnxruntime has them (float32: TF32 and fp16 off,
 as the backend runs them), else the same graphs run op by op in PyTorch on CUDA in float32 with
-TF32 off (bench/gpu_nets.TorchGraph); each row gives the largest difference to the CPU reference
-(ONNX Runtime on the CPU, else PyTorch on the CPU), which must stay under 1e-5 for the
-descriptors to share an index with dlib's. The descriptor's parity is checked on the faces the
+TF32 off (bench/gpu_nets.TorchGraph), and once more in bfloat16 (torch-*-bf16 rows: what bf16
+would gain, and how far it moves descriptors and boxes); each row gives the largest difference
+to the CPU reference (ONNX Runtime on the CPU, else PyTorch on the CPU), which must stay under
+1e-5 for the descriptors to share an index with dlib's. The descriptor's parity is checked on the faces the
 reference's MMOD finds in the photos (cropped and resized to chips; dlib's aligned chips need dlib,
 which the lent machine lacks) and 8 random chips, the timing on random chips; MMOD's rows come with
 a bare row (the network alone on tiles made beforehand). --dry-run runs all of it on the CPU, the
@@ -359,9 +360,10 @@ def dlib_runtimes(env: dict, args, graphs: dict, work: Path, report: dict) -> li
     # so that the whole path (TorchGraph, parity, report) is exercised on a machine without CUDA
     device = "cuda" if env.get("cuda") and not gpu_ort else ("cpu" if args.dry_run else None)
     if device and env.get("torch"):
-        torch_sessions = _torch_sessions(graphs, device, report)
-        if torch_sessions:
-            out.append((f"torch-{device}-fp32", torch_sessions))
+        for dtype, short in (("float32", "fp32"), ("bfloat16", "bf16")):
+            torch_sessions = _torch_sessions(graphs, device, report, dtype)
+            if torch_sessions:
+                out.append((f"torch-{device}-{short}", torch_sessions))
     if not out:
         report["notes"].append(
             "dlib on GPU: this onnxruntime has no CUDA or TensorRT provider and torch sees no CUDA device"
@@ -369,7 +371,7 @@ def dlib_runtimes(env: dict, args, graphs: dict, work: Path, report: dict) -> li
     return out
 
 
-def _torch_sessions(graphs: dict, device: str, report: dict) -> dict | None:
+def _torch_sessions(graphs: dict, device: str, report: dict, dtype: str = "float32") -> dict | None:
     try:
         import onnx
         import torch
@@ -377,7 +379,7 @@ def _torch_sessions(graphs: dict, device: str, report: dict) -> dict | None:
 
         _fp32_only(torch)
         torch.backends.cudnn.benchmark = True  # the fastest float32 convolution per shape
-        return {k: TorchGraph(onnx.load_from_string(g.data), device) for k, g in graphs.items()}
+        return {k: TorchGraph(onnx.load_from_string(g.data), device, dtype) for k, g in graphs.items()}
     except Exception as exc:  # noqa: BLE001
         report["notes"].append(f"dlib on torch-{device}: {type(exc).__name__}: {str(exc)[:300]}")
         return None

@@ -269,13 +269,15 @@ class TorchGraph:
         "MatMul": set(),
     }
 
-    def __init__(self, model, device: str):
+    def __init__(self, model, device: str, dtype: str = "float32"):
+        """``dtype`` "bfloat16" runs the float32 graph with bfloat16 weights and activations (the
+        outputs come back as float32): what bf16 would gain, and how far it moves the results."""
         import torch
         from onnx import helper, numpy_helper
 
-        self.torch, self.device = torch, device
+        self.torch, self.device, self.dtype = torch, device, getattr(torch, dtype)
         arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-        self.consts = {name: torch.from_numpy(a.copy()).to(device) for name, a in arrays.items()}
+        self.consts = {name: self._tensor(a.copy()) for name, a in arrays.items()}
         self.nodes = []
         for node in model.graph.node:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -326,12 +328,15 @@ class TorchGraph:
     def run(self, names, feeds: dict) -> list[np.ndarray]:
         with self.torch.inference_mode():
             values = dict(self.consts)
-            values.update(
-                {k: self.torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
-            )
+            values.update({k: self._tensor(np.ascontiguousarray(v)) for k, v in feeds.items()})
             for op, inputs, outputs, attrs in self.nodes:
                 values[outputs[0]] = self._op(op, [values[i] for i in inputs if i], attrs)
-            return [values[n].cpu().numpy() for n in (names or self.outputs)]
+            return [values[n].float().cpu().numpy() for n in (names or self.outputs)]
+
+    def _tensor(self, array: np.ndarray):
+        """On the device; floating point in this graph's dtype, integers (pixels, pads) as they are."""
+        t = self.torch.from_numpy(array).to(self.device)
+        return t.to(self.dtype) if t.is_floating_point() else t
 
     def sync(self) -> None:
         if self.device.startswith("cuda"):
@@ -339,8 +344,8 @@ class TorchGraph:
 
     def _op(self, op: str, x: list, a: dict):
         F = self.torch.nn.functional
-        if op == "Cast":
-            return x[0].float()
+        if op == "Cast":  # to float32 (checked), or the dtype this graph runs in
+            return x[0].to(self.dtype)
         if op in ("Sub", "Mul", "Add"):
             return {"Sub": x[0] - x[1], "Mul": x[0] * x[1], "Add": x[0] + x[1]}[op]
         if op == "Transpose":
