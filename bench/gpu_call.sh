@@ -19,8 +19,10 @@ if [ "${1:-}" = prepare ]; then
     mkdir -p "$dat" "$wheels" || exit 1
     cp "$models/dlib_face_recognition_resnet_model_v1.dat" "$models/mmod_human_face_detector.dat" "$dat/" || exit 1
     # pydantic (pipelines/core/config.py) is the one module the machine lacks; the same versions
-    # as our venv, for its Python 3.12 on x86-64
-    pins=$("$venv/bin/python" -m pip freeze | grep -iE '^(pydantic|pydantic.core|annotated.types|typing.inspection)==')
+    # as our venv, for its Python 3.12 on x86-64; typing-extensions too, since pydantic needs a
+    # newer one than the machine may have
+    pins=$("$venv/bin/python" -m pip freeze |
+        grep -iE '^(pydantic|pydantic.core|annotated.types|typing.inspection|typing.extensions)==')
     # shellcheck disable=SC2086 # one pin per word
     "$venv/bin/python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
