@@ -34,7 +34,7 @@ PHOTOS = 8
 # 7th the run manifest; in the index build the 1st is the sweep lock (pipelines.core.locks.sweep_lock),
 # the 2nd the manifest and the 3rd CURRENT.
 LOCAL_POINTS = [
-    "analyze.batch:2",  # the driver, while a worker decodes
+    "analyze.batch:1",  # the driver, while a worker decodes (9 images: one batch of up to 16)
     "storage.before_rename:3",  # inside a shard write: temporary file written, not renamed
     "unit.after_faces_shard:2",  # between a unit's faces and images shards
     "run.before_manifest",  # every unit committed, no manifest
