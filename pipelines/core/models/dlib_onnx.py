@@ -2,11 +2,12 @@
 
 ``graph_bytes(dat_file, builder, cache)`` returns the serialised ONNX graph of a dlib ``.dat``
 file and its sha256. The graph is built at first use from the installed file (no weights are
-redistributed) and kept under ``<cache_dir>/dlib-onnx/<name>-<dat sha256>-b<BUILDER>.onnx``, so a
-changed ``.dat`` file or a changed builder gives a new entry. It is written to a temporary file
-beside its final name and renamed into place: workers that race build the same bytes and the
-last rename wins, and a reader never sees half a file. A cached graph that does not parse is
-built again.
+redistributed) and kept under ``<cache_dir>/dlib-onnx/<name>-<dat sha256>-b<BUILDER>-<graph
+sha256>.onnx``, so a changed ``.dat`` file or a changed builder gives a new entry. It is written
+to a temporary file beside its final name and renamed into place: workers that race build the
+same bytes and the last rename wins, and a reader never sees half a file. A cached graph whose
+bytes do not hash to the sha256 in its name is built again. (Hashing is the check because it is
+cheap: importing onnx to parse and check the graph took 0.5 s of every worker's start.)
 
 ``open_dlib_session`` opens an ONNX Runtime session with the rule of ``onnx_session``: exactly the
 providers asked for, or a FatalError. On GPU providers TF32 and fp16 stay off, so that the
@@ -26,13 +27,14 @@ from pathlib import Path
 
 from ..errors import FatalError
 from .dlib_dat import DatError, Network, read_network
-from .onnx_session import SessionOptions, import_onnx, open_session
+from .onnx_session import SessionOptions, open_session
 
 # Bump when a builder's output changes, so that old cache entries are not used.
 BUILDER = 1
 CACHE_SUBDIR = "dlib-onnx"
 GPU_PROVIDERS = {"cuda", "tensorrt"}
 DEFAULT_CACHE = "~/.cache/faceaudit"  # as insightface_pack's
+HASH_CHARS = 16  # hex digits of the graph's sha256 in its cache entry's name
 
 
 @dataclass
@@ -55,25 +57,33 @@ def graph_bytes(dat_file: str | Path, name: str, builder: Callable[[Network], ob
     """The ONNX graph ``builder`` makes of ``dat_file``, from the cache or built into it."""
     dat = Path(dat_file).read_bytes()
     dat_sha = hashlib.sha256(dat).hexdigest()
-    path = Path(cache).expanduser() / CACHE_SUBDIR / f"{name}-{dat_sha[:32]}-b{BUILDER}.onnx"
-    data = _cached(path)
-    if data is None:
-        data = _build(dat, dat_file, builder)
-        _write_atomic(path, data)
-    return Graph(name, data, hashlib.sha256(data).hexdigest(), dat_sha)
+    folder = Path(cache).expanduser() / CACHE_SUBDIR
+    prefix = f"{name}-{dat_sha[:32]}-b{BUILDER}-"
+    found = _cached(folder, prefix)
+    if found is not None:
+        return Graph(name, found[0], found[1], dat_sha)
+    data = _build(dat, dat_file, builder)
+    sha = hashlib.sha256(data).hexdigest()
+    _write_atomic(folder / f"{prefix}{sha[:HASH_CHARS]}.onnx", data)
+    return Graph(name, data, sha, dat_sha)
 
 
-def _cached(path: Path) -> bytes | None:
+def _cached(folder: Path, prefix: str) -> tuple[bytes, str] | None:
+    """A cache entry's bytes and sha256, if one hashes to the sha256 its name carries; a damaged
+    entry is left to be overwritten by the rebuilt graph of the same name."""
     try:
-        data = path.read_bytes()
+        entries = sorted(folder.glob(f"{prefix}*.onnx"))
     except OSError:
         return None
-    onnx = import_onnx()
-    try:
-        onnx.checker.check_model(onnx.load_from_string(data))
-    except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt, not used
-        return None
-    return data
+    for entry in entries:
+        try:
+            data = entry.read_bytes()
+        except OSError:
+            continue
+        sha = hashlib.sha256(data).hexdigest()
+        if entry.name == f"{prefix}{sha[:HASH_CHARS]}.onnx":
+            return data, sha
+    return None
 
 
 def _build(dat: bytes, dat_file, builder) -> bytes:
