@@ -15,7 +15,9 @@ images/s, faces/s and ratios:
   upsample, 5-point landmarks, descriptor; run on the first --naive images only (it is slow);
 * pair accuracy of the engine's and (a)'s embeddings at the shipped threshold (both label files);
 * bare models: each part alone over pre-decoded images, to show where time goes, and the PDQ hash's
-  cost per image as a share of the one-process time per image of (a').
+  cost per image as a share of the one-process time per image of (a');
+* the load average before and after: the engine uses every core and the loops one, so other work
+  on the machine lowers the engine's ratio to them.
 
 --sweep also tries detection sizes and reports which find a face in every one of the test photos.
 --isolation only runs the engine with isolated decoding and without, alternately, twice each.
@@ -245,6 +247,7 @@ def main() -> None:
     if args.isolation:
         compare_isolation(folder)
         return
+    load = os.getloadavg()[0]  # the engine needs every core; other work on them costs it most
     engine, run_dir = run_engine_out(folder)
     careful, careful_emb = careful_loop(paths, config.model_copy(update={"runtime": "dlib"}))
     onnx_one, _ = careful_loop(paths, config)
@@ -279,6 +282,7 @@ def main() -> None:
         f"PDQ hash: {parts['PDQ hash s/image'] * 1000:.1f} ms per image, "
         f"{pdq_share:.1%} of (a')'s time per image"
     )
+    print(f"load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
     if args.sweep:
         sweep(config)
 

@@ -163,7 +163,12 @@ class ModelConfig(Strict):
         64, ge=1, description="insightface, and dlib on onnx: aligned faces per embedder run"
     )
     fp16: bool = Field(True, description="insightface on TensorRT: build fp16 engines")
-    threads: int = Field(0, ge=0, description="ONNX Runtime CPU threads per worker (0: ORT default)")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime CPU threads per worker (0: cores / workers on the local engine, "
+        "ray.actor_cpus on Ray, ONNX Runtime's default elsewhere)",
+    )
 
     @model_validator(mode="after")
     def _insightface_defaults(self) -> ModelConfig:
@@ -233,6 +238,12 @@ class RayConfig(Strict):
     )
     batch_size: int = Field(
         0, ge=0, description="images per model call (0: 1 for dlib on its own runtime, 16 otherwise)"
+    )
+    driver_hash_max: int = Field(
+        20_000,
+        ge=0,
+        description="a run of local files with at most this many pending images is hashed by the "
+        "driver, not by Ray Data read tasks (which cost seconds to start)",
     )
 
 

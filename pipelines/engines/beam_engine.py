@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -54,7 +55,7 @@ from ..core.run import (
 )
 from ..core.stages import analyze_decoded, decode_one, read_error_result, result_fields, result_from_image_row
 from ..core.storage import AlreadyExists
-from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require
+from .common import ModelInfo, default_batch_size, manifest_header, require
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class BeamRun:
     def attach(self, p) -> None:
         job, run = self.job, run_uri(self.job.out, self.run_id)
         info = beam.pvalue.AsSingleton(
-            p | "Model" >> beam.Create([job.model]) | "Describe" >> beam.Map(describe_model)
+            p | "Model" >> beam.Create([job.model]) | "Describe" >> beam.Map(_describe)
         )
         units = p | "Plan" >> beam.io.ReadFromText(self.plan) | "Parse" >> beam.Map(_planned)
         reads = (
@@ -393,6 +394,27 @@ def _decode_failure(dead: tuple, timeout_s: float) -> tuple[list[Occurrence], Im
     return occurrences, isolate.died_result(data, isolate.WorkerDied("decode", reason))
 
 
+# The model of each config, loaded once per worker process: Beam's RunInference keeps one model
+# per transform, and the two that analyse (decoded, decoded again after a crash) and Describe would
+# load three. It is shared across a process's threads, as RunInference shares its own model.
+_models: dict[str, FaceModel] = {}
+_models_lock = threading.Lock()
+
+
+def _loaded(config: ModelConfig) -> FaceModel:
+    key = config.model_dump_json()
+    with _models_lock:
+        if key not in _models:
+            _models.clear()  # one model held per process, not one per config a process ever ran
+            _models[key] = load_model(config)
+        return _models[key]
+
+
+def _describe(config: ModelConfig) -> ModelInfo:
+    model = _loaded(config)
+    return ModelInfo(model.model_id, model.dim, model.match_threshold, getattr(model, "provenance", None))
+
+
 class FaceModelHandler(inference.ModelHandler):
     """RunInference's view of the model interface: load_model once per worker, then detect and
     embed the decoded images of each batch (a bad image becomes an error result)."""
@@ -402,7 +424,7 @@ class FaceModelHandler(inference.ModelHandler):
         self.model_config = model
 
     def load_model(self) -> FaceModel:
-        return load_model(self.model_config)
+        return _loaded(self.model_config)
 
     def run_inference(
         self, batch: Sequence[Decoded], model: FaceModel, inference_args: dict | None = None

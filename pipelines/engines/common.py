@@ -27,6 +27,18 @@ def default_batch_size(config: ModelConfig, configured: int) -> int:
     return configured or (1 if config.backend == "dlib" and config.runtime == "dlib" else 16)
 
 
+def worker_model(config: ModelConfig, cores_per_worker: float) -> ModelConfig:
+    """The model config a worker loads: ``threads: 0`` becomes the worker's share of the cores.
+
+    ONNX Runtime's default is a thread per physical core in every process; with a worker per core
+    that is cores x cores threads, which preempt each other and the workers' single-threaded parts
+    (decoding, PDQ, HOG). An explicit ``threads`` is kept. Threads change speed only: the results
+    are the same (the job's manifest keeps the configured value)."""
+    if config.threads:
+        return config
+    return config.model_copy(update={"threads": max(1, int(cores_per_worker))})
+
+
 def manifest_header(
     job: JobConfig,
     run_id: str,

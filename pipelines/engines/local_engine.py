@@ -33,7 +33,7 @@ from ..core.run import (
 from ..core.sources import read_unit
 from ..core.stages import read_error_result
 from ..core.worker import analyze, describe, init_worker, reset
-from .common import ModelInfo, default_batch_size, manifest_header
+from .common import ModelInfo, default_batch_size, manifest_header, worker_model
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,18 @@ class InlineExecutor:
 
 
 def _executor(job: JobConfig, workers: int):
+    model = worker_model(job.model, (os.cpu_count() or 1) / workers)
     if job.decode.isolate:  # a crash, hang or memory blow-up in a decoder costs one image, not the job
-        limits = limits_for(job.decode, job.model)
-        return IsolatedPool(workers, limits, init_worker, (job.model, job.decode))
+        limits = limits_for(job.decode, model)
+        return IsolatedPool(workers, limits, init_worker, (model, job.decode))
     if workers <= 1:
-        return InlineExecutor(job.model, job.decode)
+        return InlineExecutor(model, job.decode)
     # spawn, not fork: the driver runs HTTP threads, and forking a threaded process is unsafe
     return ProcessPoolExecutor(
         workers,
         mp_context=mp.get_context("spawn"),
         initializer=init_worker,
-        initargs=(job.model, job.decode),
+        initargs=(model, job.decode),
     )
 
 

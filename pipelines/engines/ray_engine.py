@@ -5,7 +5,8 @@ Two passes over the pending work units (see docs/engines.md):
 1. hash: read tasks read and hash every unit; a group-by on the hash finds the images met more
    than once and their owner (``pipelines.core.dedup``). Up to DRIVER_GROUP_MAX occurrences the
    driver groups the (sha, order) rows itself; above, a Ray Data group-by does, and only the
-   duplicates reach the driver.
+   duplicates reach the driver. A run of local files up to ``ray.driver_hash_max`` occurrences
+   is read and hashed by the driver itself: starting read tasks costs more than that.
 2. analyse: each unit is read again (by the actor itself when the sources are local files, else by
    read tasks) keeping the bytes of the images it owns -> an actor pool (the model loaded once
    per actor; CPUs, GPUs and pool size from ``job.ray``) decodes, detects and embeds, then writes
@@ -51,7 +52,7 @@ from ..core.errors import FatalError
 from ..core.faults import checkpoint, ray_options
 from ..core.isolate import IsolatedPool, limits_for, resolve_batch
 from ..core.models import load_model
-from ..core.records import ImageResult
+from ..core.records import ImageResult, WorkUnit
 from ..core.run import (
     RunSummary,
     Tally,
@@ -61,12 +62,13 @@ from ..core.run import (
 )
 from ..core.stages import analyze_batch
 from ..core.worker import analyze, init_worker
-from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require
+from .common import ModelInfo, default_batch_size, describe_model, manifest_header, require, worker_model
 
 log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 10_000  # one unit per block up to this many units (a block is one actor call)
 DRIVER_GROUP_MAX = 1_000_000  # occurrences whose hashes (40 bytes each) the driver groups itself
+SUMMARY = ("tally", "exports", "analyzed", "waiting")  # an analysed unit's row, less its deferred work
 
 
 def run_job(
@@ -86,9 +88,10 @@ def run_job(
         connected_here = _connect(ray, job)
         try:
             _quiet(job.progress)
-            info = _describe(ray, job)
+            describing = _describe(ray, job)  # the model loads on a worker while units are hashed
             units = plan_order(job, state)
             dups, committed = _find_duplicates(units, job, state.uri, known or {})
+            info = _described(ray, describing)
             tasks = unit_tasks(units, dups)
             run = _Run(job, run_id, state.uri, info)
             tally, analyzed = run.process(tasks, committed)
@@ -123,14 +126,19 @@ def _quiet(progress: bool) -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _describe(ray, job: JobConfig) -> ModelInfo:
-    """Load the model once on a worker with the actors' resources: a model that will not load
-    fails the job here, with load_model's message, before any unit is read."""
+def _describe(ray, job: JobConfig):
+    """Start loading the model once on a worker with the actors' resources (``_described`` waits
+    for it): a model that will not load fails the job with load_model's message after the hash
+    pass, which only reads, and before any unit is analysed or committed."""
     remote = ray.remote(describe_model).options(
         num_cpus=job.ray.actor_cpus, num_gpus=job.ray.actor_gpus, max_retries=0
     )
+    return remote.remote(job.model)
+
+
+def _described(ray, describing) -> ModelInfo:
     try:
-        return ray.get(remote.remote(job.model))
+        return ray.get(describing)
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, FatalError):
             raise FatalError(str(exc.cause)) from None
@@ -145,11 +153,41 @@ def _find_duplicates(
 ) -> tuple[list[Duplicate], dict[int, ImageResult]]:
     """Pending occurrences met before in the run (or known from earlier runs), and the committed
     results of owners in done units (or known)."""
-    import ray.data
-
     pending = [p for p in units if not p.done]
     if not pending:
         return [], {}
+    if _hash_in_driver(pending, job.ray):
+        found = _group_in_driver(_driver_rows(units, job, run, known))
+    else:
+        found = _distributed_duplicates(units, job, run, known)
+    dups = [Duplicate(r["order"], r["owner"]) for r in found]
+    committed = {r["owner"]: pickle.loads(r["owner_result"]) for r in found if r["owner_result"]}
+    return dups, committed
+
+
+def _hash_in_driver(pending: list[PlannedUnit], cfg: RayConfig) -> bool:
+    """Whether the driver reads and hashes the pending units itself: local files, few enough.
+    Ray Data's read tasks cost seconds to start (a worker process each) for what the driver reads
+    and hashes in a fraction of one on a small run."""
+    occurrences = sum(len(p.unit.items) for p in pending)
+    return occurrences <= cfg.driver_hash_max and _all_local([p.unit for p in pending])
+
+
+def _driver_rows(units: list[PlannedUnit], job: JobConfig, run: str, known: dict[str, ImageResult]):
+    """The hash pass's rows, made in the driver."""
+    for planned in units:
+        yield from _committed_rows_of(planned, run) if planned.done else _hash_rows_of(planned, job)
+    for order, sha, result in known_owners(known):
+        yield {"sha": sha, "order": order, "result": pickle.dumps(result)}
+
+
+def _distributed_duplicates(
+    units: list[PlannedUnit], job: JobConfig, run: str, known: dict[str, ImageResult]
+) -> list[dict]:
+    """The hash pass on Ray Data: read tasks read and hash the pending units."""
+    import ray.data
+
+    pending = [p for p in units if not p.done]
     rows = _items(pending).flat_map(_hash_rows, fn_kwargs={"job": job}, num_cpus=max(job.ray.read_cpus, 1.0))
     done = [p for p in units if p.done]
     if done:
@@ -158,25 +196,21 @@ def _find_duplicates(
         owners = [{"sha": s, "order": o, "result": pickle.dumps(r)} for o, s, r in known_owners(known)]
         rows = rows.union(ray.data.from_items(owners))
     if sum(len(p.unit.items) for p in units) + len(known) <= DRIVER_GROUP_MAX:
-        found = _group_in_driver(rows)
-    else:
-        # a few partitions for a small run: each partition is a task, and 200 idle tasks cost seconds
-        partitions = max(1, min(200, len(units) // 64))
-        found = rows.groupby("sha", num_partitions=partitions).map_groups(_owner_rows, batch_format="pyarrow")
-        found = found.take_all()
-    dups = [Duplicate(r["order"], r["owner"]) for r in found]
-    committed = {r["owner"]: pickle.loads(r["owner_result"]) for r in found if r["owner_result"]}
-    return dups, committed
+        return _group_in_driver(rows.iter_rows())
+    # a few partitions for a small run: each partition is a task, and 200 idle tasks cost seconds
+    partitions = max(1, min(200, len(units) // 64))
+    found = rows.groupby("sha", num_partitions=partitions).map_groups(_owner_rows, batch_format="pyarrow")
+    return found.take_all()
 
 
-def _group_in_driver(rows) -> list[dict]:
+def _group_in_driver(rows: Iterable[dict]) -> list[dict]:
     """The group-by of ``_find_duplicates`` for a run small enough that its hashes fit the driver:
     the distributed group-by starts shuffle actors (a process each), which on a small machine
     costs more than the hashes' 40 bytes per image here."""
     import pyarrow as pa
 
     groups: dict[str, list[dict]] = {}
-    for row in rows.iter_rows():
+    for row in rows:
         groups.setdefault(row["sha"], []).append(row)
     found: list[dict] = []
     for group in groups.values():
@@ -194,7 +228,10 @@ def _items(objects: Iterable[Any]):
 
 
 def _hash_rows(row: dict, job: JobConfig) -> list[dict]:
-    planned: PlannedUnit = pickle.loads(row["item"])
+    return _hash_rows_of(pickle.loads(row["item"]), job)
+
+
+def _hash_rows_of(planned: PlannedUnit, job: JobConfig) -> list[dict]:
     return [
         {"sha": occ.sha, "order": occ.order, "result": b""}
         for occ in read_occurrences(planned, job.http)
@@ -203,7 +240,10 @@ def _hash_rows(row: dict, job: JobConfig) -> list[dict]:
 
 
 def _committed_rows(row: dict, run: str) -> list[dict]:
-    planned: PlannedUnit = pickle.loads(row["item"])
+    return _committed_rows_of(pickle.loads(row["item"]), run)
+
+
+def _committed_rows_of(planned: PlannedUnit, run: str) -> list[dict]:
     return [
         {"sha": sha, "order": order, "result": pickle.dumps(result)}
         for order, sha, result in committed_results(run, planned)
@@ -255,7 +295,9 @@ class _Run:
 
     def _process(self, tasks: list[UnitTask], committed: dict[int, ImageResult]) -> tuple[Tally, int]:
         out = self._pipeline(tasks, committed).materialize()
-        summaries = out.select_columns(["tally", "exports", "analyzed", "waiting"]).take_all()
+        # Read from the materialised blocks: select_columns(...).take_all() ran a new pass of
+        # tasks over them, which cost 3 s on 2 CPUs.
+        summaries = [{k: row[k] for k in SUMMARY} for row in out.iter_rows()]
         foreign = dict(committed)
         for s in summaries:
             foreign.update(pickle.loads(s["exports"]))
@@ -274,7 +316,7 @@ class _Run:
         cfg = self.job.ray
         pool = _pool_size(cfg, len(tasks))
         ds = _items(tasks)
-        if not _all_local(tasks):
+        if not _all_local([t.planned.unit for t in tasks]):
             # Remote sources: read tasks keep the actors busy while units download. Units in
             # flight are bounded: two read per actor, two queued at each actor.
             ds = ds.map(
@@ -290,7 +332,7 @@ class _Run:
         return ds.map(
             Analyzer,
             fn_constructor_kwargs={
-                "model": self.job.model,
+                "model": worker_model(self.job.model, cfg.actor_cpus),
                 "decode": self.job.decode,
                 "http": self.job.http,
                 "batch_size": default_batch_size(self.job.model, cfg.batch_size),
@@ -366,11 +408,11 @@ def _pool_size(cfg: RayConfig, units: int) -> int:
     return int(max(1, min(fits, units)))
 
 
-def _all_local(tasks: list[UnitTask]) -> bool:
+def _all_local(units: list[WorkUnit]) -> bool:
     """Whether every unit is read from this machine's disk (a URI list may name URLs, Flickr
     metadata does)."""
     fetching = ("urilist", "flickr-meta")
-    return all(t.planned.unit.kind not in fetching and storage.is_local(t.planned.unit.source) for t in tasks)
+    return all(u.kind not in fetching and storage.is_local(u.source) for u in units)
 
 
 def _read_row(row: dict, job: JobConfig) -> dict:
