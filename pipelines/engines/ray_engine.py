@@ -168,9 +168,13 @@ def _find_duplicates(
 def _hash_in_driver(pending: list[PlannedUnit], cfg: RayConfig) -> bool:
     """Whether the driver reads and hashes the pending units itself: local files, few enough.
     Ray Data's read tasks cost seconds to start (a worker process each) for what the driver reads
-    and hashes in a fraction of one on a small run."""
-    occurrences = sum(len(p.unit.items) for p in pending)
-    return occurrences <= cfg.driver_hash_max and _all_local([p.unit for p in pending])
+    and hashes in a fraction of one on a small run. A tar or a line-record file's unit counts its
+    images only once read (``WorkUnit.size`` None): such a run is always hashed by read tasks, so
+    that a TSV of millions of rows (one file, one item) never lands on the driver."""
+    sizes = [p.unit.size for p in pending]
+    if any(size is None for size in sizes):
+        return False
+    return sum(size or 0 for size in sizes) <= cfg.driver_hash_max and _all_local([p.unit for p in pending])
 
 
 def _driver_rows(units: list[PlannedUnit], job: JobConfig, run: str, known: dict[str, ImageResult]):

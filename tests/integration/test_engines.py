@@ -119,6 +119,14 @@ def test_duplicates_and_bad_records_give_the_local_rows(engine, twice_runs, twic
     assert len(faces) == len({f["face_id"] for f in faces})  # each image's faces written once
 
 
+def test_ray_data_hashing_gives_the_local_rows(tmp_path, twice, twice_local, request):
+    """Past ``ray.driver_hash_max`` pending images (a big run), Ray Data read tasks hash the units
+    instead of the driver: the same rows."""
+    job = twice_job(tmp_path / "out", twice)
+    job = job.model_copy(update={"ray": job.ray.model_copy(update={"driver_hash_max": 0})})
+    assert_same_run(Path(run_engine("ray", job, request).uri), twice_local)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_resume_skips_done_units_and_keeps_their_owners(
     engine, tmp_path, twice, twice_runs, twice_local, request
