@@ -123,6 +123,10 @@ def result_fields(result: ImageResult) -> dict:
     }
 
 
+# the ``images`` columns that ``result_fields`` writes and ``result_from_image_row`` reads back
+RESULT_COLUMNS = tuple(result_fields(ImageResult(image_sha256=None, status="ok")))
+
+
 def result_from_image_row(row: dict) -> ImageResult:
     """The result (faces as a count only) that a committed ``images`` row records."""
     result = ImageResult(

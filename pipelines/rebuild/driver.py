@@ -38,7 +38,7 @@ from pipelines.core.errors import ConfigError, FaceauditError, FatalError
 from pipelines.core.faults import checkpoint
 from pipelines.core.locks import ExpiringLock, sweep_lock
 from pipelines.core.records import ImageResult
-from pipelines.core.stages import result_from_image_row
+from pipelines.core.stages import RESULT_COLUMNS, result_from_image_row
 from pipelines.core.writer import is_committed
 from pipelines.engines import run_job
 
@@ -311,19 +311,9 @@ def known_images(state: Rebuild) -> tuple[dict[str, ImageResult], list[str]]:
     live = live_pairs(current_sources(state.current))
     runs = current_runs(state)
     known: dict[str, ImageResult] = {}
-    columns = [
-        "image_sha256",
-        "status",
-        "error_stage",
-        "error",
-        "width",
-        "height",
-        "n_faces",
-        "pdq",
-        "pdq_quality",
-    ]
     for run in runs:
-        for batch in runsmod.image_batches([restrict(run, live.get(run.run_id, set()))], columns):
+        scope = [restrict(run, live.get(run.run_id, set()))]
+        for batch in runsmod.image_batches(scope, list(RESULT_COLUMNS)):
             for row in batch.to_pylist():
                 sha = row["image_sha256"]
                 if sha and row["status"] in KNOWN_STATUSES and (row["n_faces"] == 0 or sha in indexed):

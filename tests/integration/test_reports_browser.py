@@ -10,7 +10,6 @@ inside its chart's box, level labels must not overlap, the page must log nothing
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -21,20 +20,12 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.rebuild.report import render_html
-from tests.helpers import CHROMIUM, CHROMIUM_ARGS, write_small_copies
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, NEEDS_BROWSER, write_small_copies
 
 VIEWPORT = {"width": 1200, "height": 900}
 SERIES_COLORS = ("#3b6ea5", "#e07b39")  # the first two series colours (pipelines/rebuild/svg.py)
 
-pytestmark = [
-    pytest.mark.skipif(
-        not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (Debian: apt-get install -y chromium)"
-    ),
-    pytest.mark.skipif(
-        importlib.util.find_spec("playwright") is None,
-        reason="playwright is missing (pip install playwright; it drives /usr/bin/chromium)",
-    ),
-]
+pytestmark = NEEDS_BROWSER
 
 # Per chart (<svg>): its title, how many data marks it draws (a rect that is not a legend swatch,
 # circle, polyline or path, with a non-empty box), the labels that leave the chart's box, and the

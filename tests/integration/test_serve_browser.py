@@ -7,7 +7,6 @@ one is copied to docs/img/lookup.png."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -19,18 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import CHROMIUM, CHROMIUM_ARGS, REPO
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, NEEDS_BROWSER, REPO
 from tests.serve_helpers import KNOWN, STRANGER, build_tiny_index, serve_config
 
-pytestmark = [
-    pytest.mark.skipif(
-        not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (Debian: apt-get install -y chromium)"
-    ),
-    pytest.mark.skipif(
-        importlib.util.find_spec("playwright") is None,
-        reason="playwright is not installed (pip install playwright)",
-    ),
-]
+pytestmark = NEEDS_BROWSER
 
 
 def y4m_from_photo(photo: Path, out: Path, frames: int = 5) -> Path:
