@@ -33,8 +33,7 @@ def model() -> FaceModel:
 
 
 def describe() -> ModelInfo:
-    loaded = model()
-    return ModelInfo(loaded.model_id, loaded.dim, loaded.match_threshold, getattr(loaded, "provenance", None))
+    return model().info()
 
 
 def analyze(batch: list[bytes]) -> list[ImageResult]:

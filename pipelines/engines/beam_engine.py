@@ -411,8 +411,7 @@ def _loaded(config: ModelConfig) -> FaceModel:
 
 
 def _describe(config: ModelConfig) -> ModelInfo:
-    model = _loaded(config)
-    return ModelInfo(model.model_id, model.dim, model.match_threshold, getattr(model, "provenance", None))
+    return _loaded(config).info()
 
 
 class FaceModelHandler(inference.ModelHandler):

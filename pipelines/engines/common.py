@@ -17,8 +17,7 @@ def describe_model(config: ModelConfig) -> ModelInfo:
 
     A model that will not load fails here, before any unit is read, with load_model's message.
     """
-    model = load_model(config)
-    return ModelInfo(model.model_id, model.dim, model.match_threshold, getattr(model, "provenance", None))
+    return load_model(config).info()
 
 
 def default_batch_size(config: ModelConfig, configured: int) -> int:

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from ..config import ModelConfig
-from ..records import DecodedImage, Face
+from ..records import DecodedImage, Face, ModelInfo
 
 
 class FaceModel(ABC):
@@ -19,9 +19,14 @@ class FaceModel(ABC):
     model_id: str
     dim: int
     match_threshold: float
+    provenance: dict | None = None  # what the run manifest records of the weights and runtime
 
     def __init__(self, config: ModelConfig):
         self.config = config
+
+    def info(self) -> ModelInfo:
+        """What the model makes, as every run manifest records it."""
+        return ModelInfo(self.model_id, self.dim, self.match_threshold, self.provenance)
 
     @abstractmethod
     def analyze(self, images: Sequence[DecodedImage]) -> list[list[Face]]:
